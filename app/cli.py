@@ -2,13 +2,239 @@
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from app import cli_store
+from app.settings import get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="lmedit: versioned knowledge edits.")
 cli_store.register(app)
+console = Console(stderr=True)
+
+MODEL_HELP = "Model: 'smollm2' (embedded), a local HF folder or .gguf file [env LMEDIT_MODEL]"
+STORE_HELP = "Version store: a folder or fsspec URL [env LMEDIT_STORE]"
+
+
+def fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _load(model: str | None, threads: int | None = None):
+    """Load the model with a spinner (the first load of a GGUF dequantizes it: ~15 s)."""
+    import torch
+
+    from editing.model import load_model
+
+    settings = get_settings()
+    threads = threads or settings.threads
+    if threads:
+        torch.set_num_threads(threads)
+    with console.status(f"loading {model or settings.model} …"):
+        try:
+            return load_model(model or settings.model, device=settings.device, cache_dir=settings.cache_dir)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+
+
+def _hparams(raw: str | None) -> dict:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        fail(f"--hparams is not JSON: {e}")
+    if not isinstance(value, dict):
+        fail("--hparams must be a JSON object, e.g. '{\"lr\": 0.01}'")
+    return value
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _metrics_table(title: str, row: dict, keys) -> Table:
+    table = Table(title=title)
+    for k in keys:
+        table.add_column(k)
+    table.add_row(*(_fmt(row.get(k)) for k in keys))
+    return table
+
+
+@app.command()
+def edit(
+    facts_file: Path | None = typer.Argument(None, help="A JSON file of facts (edited together)"),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Prompt of a single fact"),
+    target: str | None = typer.Option(None, "--target", "-t", help="The new answer"),
+    subject: str | None = typer.Option(None, "--subject", "-s", help="The fact's subject, as in the prompt"),
+    rephrase: list[str] = typer.Option([], "--rephrase", help="A rephrased prompt to measure (repeatable)"),
+    locality: list[str] = typer.Option([], "--locality", help="An unrelated prompt to keep (repeatable)"),
+    method: str = typer.Option("ft-m", help="ft-m | ft-l | lora"),
+    objective: str = typer.Option("overtone", help="overtone | ce"),
+    hparams: str | None = typer.Option(None, help="JSON object of hyperparameters (see docs)"),
+    store: str | None = typer.Option(None, help=STORE_HELP),
+    branch: str = typer.Option("main", help="Branch to commit the new version to"),
+    no_store: bool = typer.Option(False, "--no-store", help="Edit in memory only, commit nothing"),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Write facts into the model and commit the result as a new version of BRANCH."""
+    from pydantic import ValidationError
+
+    from editing.facts import Fact, Probe, read_facts
+    from editing.hparams import resolve_hparams
+
+    try:
+        if facts_file is not None:
+            facts = read_facts(facts_file)
+        elif prompt and target:
+            facts = [Fact(prompt=prompt, target_new=target, subject=subject, rephrase_prompts=rephrase,
+                          locality_prompts=[Probe(p) for p in locality])]
+        else:
+            fail("give a FACTS.json file, or --prompt and --target")
+        hp = resolve_hparams(method, _hparams(hparams))
+    except (ValueError, OSError, ValidationError) as e:
+        fail(str(e))
+    lm = _load(model)
+    from editing.session import EditSession
+
+    with console.status("editing …"):
+        try:
+            session = EditSession(lm, None if no_store else (store or get_settings().store))
+            outcome = session.edit(facts, method=method, objective=objective, hparams=hp, branch=branch)
+        except Exception as e:  # noqa: BLE001 - every failure is reported, none is a traceback
+            fail(f"{type(e).__name__}: {e}")
+    if as_json:
+        print(json.dumps({"version": outcome.version, "metrics": outcome.metrics, "seconds": outcome.seconds,
+                          "steps": outcome.steps}))
+        return
+    keys = ["reliability", "generalization", "locality", "portability", "fluency"]
+    console.print(_metrics_table(f"{len(facts)} fact(s), {method} + {objective}", outcome.metrics, keys))
+    where = f"version {outcome.version} on {branch}" if outcome.version else "not committed (--no-store)"
+    console.print(f"edit took {outcome.seconds:.2f} s over {outcome.steps} steps; {where}")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p"),
+    version: str | None = typer.Option(None, help="Version id, tag, branch or 'base'"),
+    branch: str | None = typer.Option(None, help="Branch (same as --version BRANCH)"),
+    max_new_tokens: int = typer.Option(32, min=1, max=2048),
+    temperature: float = typer.Option(0.0, min=0.0, max=5.0, help="0 = greedy"),
+    store: str | None = typer.Option(None, help=STORE_HELP),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Complete PROMPT from a version of the model (default: main, or base without a store)."""
+    from editing.generate import generate as run_generate
+    from editing.session import EditSession
+
+    lm = _load(model)
+    name = version or branch
+    store_url = store or get_settings().store
+    try:
+        session = EditSession(lm, store_url, create=False)
+        vid = session.checkout(name or "main") if session.store is not None else None
+        if session.store is None and name not in (None, "base"):
+            fail(f"no version store at {store_url}: only the base model can be used")
+    except Exception as e:  # noqa: BLE001
+        fail(f"{type(e).__name__}: {e}")
+    text = run_generate(lm, [prompt], max_new_tokens=max_new_tokens, temperature=temperature)[0]
+    if as_json:
+        print(json.dumps({"text": text, "version": vid or "base"}))
+    else:
+        print(prompt + text)
+
+
+@app.command("eval")
+def evaluate_cmd(
+    data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="Benchmark or fact JSON file"),
+    fmt: str | None = typer.Option(None, "--format", help="counterfact | zsre | mquake | facts (detected)"),
+    n: int | None = typer.Option(None, "--n", min=1, help="How many records"),
+    offset: int = typer.Option(0, "--offset", min=0, help="First record"),
+    method: str = typer.Option("ft-m"),
+    objective: str = typer.Option("overtone"),
+    hparams: str | None = typer.Option(None, help="JSON object of hyperparameters"),
+    fluency_tokens: int = typer.Option(0, help="Generate this many tokens per fact for fluency (0: skip)"),
+    threads: int | None = typer.Option(None, help="torch threads"),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
+    out: Path | None = typer.Option(None, help="Also write per-record results (JSON lines) here"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Single-edit protocol: edit each record on the unedited weights, measure, average."""
+    from dataclasses import asdict
+
+    from rich.progress import Progress
+
+    from editing.evaluate import evaluate_case, summarize
+    from editing.facts import read_cases
+    from editing.hparams import resolve_hparams
+
+    try:
+        cases = read_cases(data, fmt=fmt, offset=offset, n=n)
+        resolve_hparams(method, _hparams(hparams))
+    except (ValueError, KeyError, OSError) as e:
+        fail(f"{data}: {e}")
+    if not cases:
+        fail(f"{data}: no records at offset {offset}")
+    lm = _load(model, threads)
+    results = []
+    started = time.perf_counter()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"{method} + {objective}", total=len(cases))
+        for case in cases:
+            r = evaluate_case(lm, case, method, objective, _hparams(hparams), fluency_tokens)
+            results.append(r)
+            if out:
+                with out.open("a") as f:
+                    f.write(json.dumps(asdict(r)) + "\n")
+            progress.advance(task)
+    summary = summarize(results)
+    summary.update(method=method, objective=objective, offset=offset, data=str(data),
+                   wall_seconds=time.perf_counter() - started)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    keys = ["n", "reliability", "generalization", "locality", "portability", "fluency", "seconds_per_edit"]
+    console.print(_metrics_table(f"{data.name} [{offset}:{offset + len(cases)}] {method} + {objective}",
+                                 summary, keys))
+
+
+@app.command()
+def diagnose(
+    prompt: str = typer.Option(..., "--prompt", "-p"),
+    target: str = typer.Option(..., "--target", "-t"),
+    subject: str | None = typer.Option(None, "--subject", "-s"),
+    method: str = typer.Option("ft-m"),
+    steps: int = typer.Option(20, min=1, max=500),
+    hparams: str | None = typer.Option(None, help="JSON object of hyperparameters"),
+    out: Path = typer.Option(Path("hto"), help="Output path stem: writes STEM.json and STEM.png"),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
+) -> None:
+    """Heterogeneous token overfitting: p(target token) per step under CE and OVERTONE."""
+    from editing import diagnose as hto
+    from editing.facts import Fact
+
+    lm = _load(model)
+    with console.status("training with ce and overtone …"):
+        result = hto.trajectories(lm, Fact(prompt, target, subject=subject), method=method,
+                                  hparams=_hparams(hparams), steps=steps)
+    json_path, png_path = out.with_suffix(".json"), out.with_suffix(".png")
+    hto.write(result, json_path, png_path)
+    for name, s in result["spread"].items():
+        console.print(f"{name}: tokens reach p>0.9 at steps {s['first']}…{s['last']} (spread {s['spread']})")
+    console.print(f"wrote {json_path} and {png_path}")
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -75,7 +75,9 @@ class Delta:
             tensors[f"lora_A:{name}"] = f.A.detach().float().contiguous().cpu()
             tensors[f"lora_B:{name}"] = f.B.detach().float().contiguous().cpu()
             lora_meta[name] = {"scale": f.scale, "fan_in_fan_out": f.fan_in_fan_out}
-        metadata = {"format": FORMAT, "lora": json.dumps(lora_meta, sort_keys=True)}
+        # One metadata key: safetensors writes a header map in no fixed order, and the
+        # store names a blob by the sha256 of its bytes, so they must be deterministic.
+        metadata = {"lmedit": json.dumps({"format": FORMAT, "lora": lora_meta}, sort_keys=True)}
         return tensors, metadata
 
     def to_bytes(self) -> bytes:
@@ -85,10 +87,10 @@ class Delta:
     @classmethod
     def from_bytes(cls, data: bytes) -> Delta:
         tensors = st_load(data)
-        metadata = _read_metadata(data)
+        metadata = json.loads(_read_metadata(data).get("lmedit", "{}"))
         if metadata.get("format") != FORMAT:
             raise ValueError(f"not an lmedit delta (format {metadata.get('format')!r})")
-        lora_meta = json.loads(metadata.get("lora", "{}"))
+        lora_meta = metadata["lora"]
         dense, lora = {}, {}
         for key, t in tensors.items():
             kind, name = key.split(":", 1)

@@ -56,7 +56,7 @@ def tiny_llama(kind: str = "bytelevel", seed: int = 0, layers: int = 2) -> Loade
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, initializer_range=0.2,  # peaky enough to reach p ≈ 1
     )
     model = LlamaForCausalLM(config).eval()
     for p in model.parameters():
@@ -69,7 +69,7 @@ def tiny_gpt2(kind: str = "bytelevel", seed: int = 0, layers: int = 2) -> Loaded
     tok = make_tokenizer(kind)
     config = GPT2Config(
         vocab_size=len(tok), n_embd=32, n_layer=layers, n_head=4, n_positions=128,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.2,
     )
     model = GPT2LMHeadModel(config).eval()
     for p in model.parameters():

@@ -1,0 +1,236 @@
+"""Moving a resident model between versions, exactly.
+
+The weights of version v are defined in fp32 (DESIGN.md, "Versions"):
+
+    S_base = 0,   S_v = S_parent + d_v   (summed in ancestry order),   W_v = base + S_v
+
+where d_v is `Delta.change(name)` of v's own delta, and a version that does not touch a
+tensor adds no term for it. `accumulate` is the one place that sums; both a fresh
+`materialize` and `ResidentModel.checkout` go through it, so their results are
+bit-identical: nothing is ever reverted by subtraction ((x + d) - d != x in floats).
+
+`ResidentModel` keeps one loaded model and moves it from the version it is at to any
+other. It rewrites only the tensors touched on either side since the two versions' last
+common ancestor, each recomputed as pristine base copy + S. Pristine copies are taken
+lazily, just before a tensor is first changed (they are kept for as long as the model
+lives: their size is that of every tensor any version touched).
+
+Cache design (long chains stay fast): an LRU cache, bounded in bytes, of accumulated sums
+S keyed by (version id, tensor name), where the version is the last one in the chain that
+touched the tensor. Computing S for a tensor starts from the nearest cached ancestor's
+sum and adds only the deltas after it; while summing a long chain, every
+`snapshot_every`-th partial sum is cached too, so a later checkout of an intermediate
+version (a rollback, a sibling branch) also starts close by. A partial sum is the same
+left fold the definition prescribes, so resuming from it changes no bit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+import torch
+
+from editing.delta import Delta
+from editing.store import BaseMismatchError, VersionStore
+
+
+class SumCache:
+    """LRU of accumulated sums S, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> torch.Tensor | None:
+        t = self._entries.get(key)
+        if t is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return t
+
+    def put(self, key: tuple[str, str], t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if size > self.max_bytes or key in self._entries:
+            return
+        while self.nbytes + size > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.nbytes -= old.numel() * old.element_size()
+        self._entries[key] = t
+        self.nbytes += size
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def accumulate(
+    store: VersionStore,
+    chain: list[str],
+    names: Iterable[str],
+    params: dict[str, torch.Tensor],
+    cache: SumCache | None = None,
+    snapshot_every: int = 16,
+) -> dict[str, torch.Tensor]:
+    """S (fp32, on each parameter's device) at the end of `chain` (version ids, base first) for
+    each of `names` that some version of the chain touches. Each delta blob is read once."""
+    touched = [set(store.touched(v)) for v in chain]
+    sums: dict[str, torch.Tensor] = {}
+    todo: dict[int, list[str]] = {}  # chain position -> tensors whose sum still needs that delta
+    last: dict[str, int] = {}  # tensor -> chain position of the last delta that touches it
+    count: dict[str, int] = {}  # tensor -> how many terms its sum holds so far
+    for name in names:
+        positions = [i for i, names_i in enumerate(touched) if name in names_i]
+        if not positions:
+            continue
+        if name not in params:
+            raise KeyError(f"version {chain[positions[0]]} touches {name!r}, which the model does not have")
+        start, cached = 0, None
+        if cache is not None:
+            for j in range(len(positions), 0, -1):
+                cached = cache.get((chain[positions[j - 1]], name))
+                if cached is not None:  # the sum of the first j terms: resume from it
+                    start = j
+                    break
+        if cached is None:  # S_base = 0
+            cached = torch.zeros(params[name].shape, dtype=torch.float32, device=params[name].device)
+        sums[name] = cached  # never modified in place below (sums are replaced, not updated): no copy
+        last[name], count[name] = positions[-1], start
+        for i in positions[start:]:
+            todo.setdefault(i, []).append(name)
+
+    for i in sorted(todo):
+        delta = store.load_delta(chain[i])
+        for name in todo[i]:
+            d = delta.change(name).to(sums[name].device)
+            if d.shape != sums[name].shape:
+                raise ValueError(f"version {chain[i]}: change to {name} has shape {tuple(d.shape)}, "
+                                 f"the parameter {tuple(sums[name].shape)}")
+            sums[name] = sums[name] + d
+            count[name] += 1
+            if cache is not None and (i == last[name] or count[name] % snapshot_every == 0):
+                cache.put((chain[i], name), sums[name])
+    return sums
+
+
+def weight(base: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W = base + S in fp32, cast to the parameter's dtype."""
+    return (base.float() + s).to(dtype)
+
+
+def materialize(model: torch.nn.Module, store: VersionStore, version: str) -> str:
+    """Bring a freshly loaded (base) model to `version` in place; returns the version id."""
+    vid = store.resolve(version)
+    chain = store.ancestry(vid)
+    params = dict(model.named_parameters())
+    names = {n for v in chain for n in store.touched(v)}
+    sums = accumulate(store, chain, names, params)
+    with torch.no_grad():
+        for name, s in sums.items():
+            params[name].copy_(weight(params[name].detach(), s, params[name].dtype))
+    return vid
+
+
+class ResidentModel:
+    """A loaded model that moves between versions of a store: `checkout(name) -> version id`.
+
+    The model must be at `base` when handed over (freshly loaded). Callers that train the
+    model in place call `prepare_edit(names)` first; the next checkout rewrites those tensors.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        store: VersionStore,
+        *,
+        fingerprint: str | None = None,
+        cache_bytes: int = 256 * 2**20,
+        snapshot_every: int = 16,
+    ):
+        if fingerprint is not None and fingerprint != store.base_fingerprint:
+            raise BaseMismatchError(
+                f"model {fingerprint[:16]}… is not the base model of the store at {store.url} "
+                f"({store.base_fingerprint[:16]}…)"
+            )
+        self.model = model
+        self.store = store
+        self.cache = SumCache(cache_bytes)
+        self.snapshot_every = snapshot_every
+        self.version = store.base_id
+        self._params = dict(model.named_parameters())
+        self._pristine: dict[str, torch.Tensor] = {}
+        self._dirty: set[str] = set()  # changed outside checkout (training): rewrite on the next one
+        self._lock = threading.Lock()
+
+    def checkout(self, name: str) -> str:
+        """Move the model to version `name` (any name the store resolves); returns its id.
+        On error (a corrupt blob, ...) the model stays at the version it was at."""
+        with self._lock:
+            target = self.store.resolve(name)
+            here, there = self.store.ancestry(self.version), self.store.ancestry(target)
+            common = 0
+            while common < min(len(here), len(there)) and here[common] == there[common]:
+                common += 1
+            names = set(self._dirty)
+            for vid in here[common:] + there[common:]:
+                names.update(self.store.touched(vid))
+            missing = sorted(n for n in names if n not in self._params)
+            if missing:
+                raise KeyError(f"version {target} touches parameters the model does not have: {missing[:3]}")
+            for n in names:  # still base: nothing has changed these tensors yet
+                if n not in self._pristine:
+                    self._pristine[n] = self._params[n].detach().clone()
+            # Everything is computed before anything is written, so a failure changes nothing.
+            sums = accumulate(self.store, there, names, self._params, self.cache, self.snapshot_every)
+            new = {n: weight(self._pristine[n], s, self._params[n].dtype) for n, s in sums.items()}
+            with torch.no_grad():
+                for n in names:
+                    self._params[n].copy_(new[n] if n in new else self._pristine[n])
+            self.version = target
+            self._dirty.clear()
+            return target
+
+    def prepare_edit(self, names: Iterable[str]) -> None:
+        """Call before changing these parameters in place (training): keeps their pristine base
+        copies and marks them for rewriting on the next checkout."""
+        with self._lock:
+            for n in names:
+                if n not in self._params:
+                    raise KeyError(f"the model has no parameter {n!r}")
+                if n not in self._pristine:
+                    self._pristine[n] = self._params[n].detach().clone()
+                self._dirty.add(n)
+
+    @contextmanager
+    def preview(self, delta: Delta):
+        """Temporarily give the model the weights a child of the current version with `delta`
+        will have once committed (pristine base + (S_current + d), the same fold checkout
+        uses), so a new version's metrics are measured on exactly its own weights."""
+        with self._lock:
+            names = delta.names()
+            missing = [n for n in names if n not in self._params]
+            if missing:
+                raise KeyError(f"delta touches parameters the model does not have: {missing[:3]}")
+            for n in names:
+                if n not in self._pristine:
+                    self._pristine[n] = self._params[n].detach().clone()
+            chain = self.store.ancestry(self.version)
+            sums = accumulate(self.store, chain, names, self._params, self.cache, self.snapshot_every)
+            current = {n: self._params[n].detach().clone() for n in names}
+            with torch.no_grad():
+                for n in names:
+                    p = self._params[n]
+                    s = sums.get(n, torch.zeros(p.shape, dtype=torch.float32, device=p.device))
+                    p.copy_(weight(self._pristine[n], s + delta.change(n).to(p.device), p.dtype))
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for n, t in current.items():
+                        self._params[n].copy_(t)

@@ -1,0 +1,161 @@
+"""Edit methods: which parameters an edit trains and how its delta is formed.
+
+All methods share one training loop (editing/train.py); they differ only here:
+- ft-l: fine-tune chosen MLP weights, every target token scored from the last prompt
+  position (EasyEdit's `prompt_last`), usually with a norm constraint;
+- ft-m: the same weights, teacher-forced on prompt + target, prompt tokens masked;
+- lora: peft low-rank adapters on the chosen modules, teacher-forced; the delta keeps
+  the factors (peft's own layer code handles GPT-2's Conv1D via fan_in_fan_out).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from editing.delta import Delta, LoraFactors
+from editing.hparams import EditHparams
+
+# The MLP output projection, by architecture: where fine-tuning edits go by default.
+DEFAULT_MODULES = {"llama": ["mlp.down_proj"], "gpt2": ["mlp.c_proj"], "mistral": ["mlp.down_proj"],
+                   "qwen2": ["mlp.down_proj"], "gemma": ["mlp.down_proj"], "phi3": ["mlp.down_proj"]}
+_BLOCK = re.compile(r"(?:^|\.)(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    prompt_last: bool  # score every target token from the last prompt position
+    low_rank: bool  # train LoRA factors instead of the weights themselves
+
+
+METHODS = {
+    "ft-l": Method("ft-l", prompt_last=True, low_rank=False),
+    "ft-m": Method("ft-m", prompt_last=False, low_rank=False),
+    "lora": Method("lora", prompt_last=False, low_rank=True),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {tuple(METHODS)}")
+    return METHODS[name]
+
+
+def num_layers(model: torch.nn.Module) -> int:
+    config = model.config
+    return getattr(config, "num_hidden_layers", None) or config.n_layer
+
+
+def target_modules(model: torch.nn.Module, hp: EditHparams) -> dict[str, torch.nn.Module]:
+    """Modules to edit, by full name: `hp.modules` inside the blocks `hp.layers`."""
+    n = num_layers(model)
+    layers = hp.layers if hp.layers is not None else [round(n / 3)]
+    layers = {layer % n if -n <= layer < n else -1 for layer in layers}
+    if -1 in layers:
+        raise ValueError(f"layers {hp.layers} out of range: the model has {n} blocks")
+    suffixes = hp.modules or DEFAULT_MODULES.get(model.config.model_type)
+    if not suffixes:
+        raise ValueError(f"no default modules for model type {model.config.model_type!r}: set hparams.modules")
+    found = {}
+    for name, module in model.named_modules():
+        m = _BLOCK.search(name)
+        if m and int(m.group(1)) in layers and m.group(2) in suffixes and hasattr(module, "weight"):
+            found[name] = module
+    wanted = len(layers) * len(suffixes)
+    if len(found) != wanted:
+        raise ValueError(f"found {len(found)} of {wanted} modules {suffixes} in layers {sorted(layers)}")
+    return found
+
+
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """GPT-2's Conv1D stores weights as (in, out): peft needs fan_in_fan_out for it."""
+    return type(module).__name__ == "Conv1D"
+
+
+@contextmanager
+def only_at(modules: dict[str, torch.nn.Module], frozen: dict[str, torch.nn.Module], mask: torch.Tensor):
+    """While training, let each edited module's change act only where `mask` (B, L) is set:
+    elsewhere its output is the unedited module's (`frozen`), so gradients reach the edited
+    weights only through those positions."""
+
+    def hook_for(name):
+        def hook(module, args, out):
+            reference = frozen[name](args[0])  # (B, L, out) the unedited output
+            return torch.where(mask[..., None], out, reference)
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def trainable(model: torch.nn.Module, method: Method, hp: EditHparams):
+    """Make the method's parameters trainable; yields (params, make_delta, originals, modules, frozen).
+
+    `modules` are the trained modules and `frozen` unedited copies of them (for `only_at`).
+    On exit the model is exactly as before (weights restored by copy, LoRA layers
+    removed), whether training succeeded or raised. `make_delta()` must be called inside.
+    """
+    modules = target_modules(model, hp)
+    if not method.low_rank:
+        frozen = {name: copy.deepcopy(m) for name, m in modules.items()}
+        params = {f"{name}.weight": m.weight for name, m in modules.items()}
+        originals = {name: p.detach().clone() for name, p in params.items()}
+        for p in params.values():
+            p.requires_grad_(True)
+
+        def make_delta() -> Delta:
+            return Delta(dense={n: (p.detach().float() - originals[n].float()) for n, p in params.items()})
+
+        try:
+            yield list(params.values()), make_delta, originals, modules, frozen
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.requires_grad_(False)
+                    p.copy_(originals[name])
+        return
+
+    from peft import LoraConfig, get_peft_model
+
+    conv = {is_conv1d(m) for m in modules.values()}
+    if len(conv) > 1:
+        raise ValueError("LoRA modules must be all Linear or all Conv1D")
+    config = LoraConfig(
+        r=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=0.0, bias="none",
+        target_modules=sorted(modules), fan_in_fan_out=conv.pop(),
+    )
+    torch.manual_seed(hp.seed)  # LoRA's A is initialised at random
+    peft_model = get_peft_model(model, config)
+    try:
+        lora_layers = {name: peft_model.base_model.model.get_submodule(name) for name in modules}
+        params = [p for layer in lora_layers.values() for p in
+                  (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
+
+        def make_delta() -> Delta:
+            return Delta(lora={
+                f"{name}.weight": LoraFactors(
+                    A=layer.lora_A["default"].weight.detach().float().clone(),  # (r, in)
+                    B=layer.lora_B["default"].weight.detach().float().clone(),  # (out, r)
+                    scale=float(layer.scaling["default"]),
+                    fan_in_fan_out=config.fan_in_fan_out,
+                )
+                for name, layer in lora_layers.items()
+            })
+
+        yield params, make_delta, {}, lora_layers, {n: layer.base_layer for n, layer in lora_layers.items()}
+    finally:
+        peft_model.unload()  # puts the original modules back, unmerged
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if attr in vars(model):
+                delattr(model, attr)

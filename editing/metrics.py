@@ -1,0 +1,101 @@
+"""Edit metrics, with EasyEdit's definitions (per fact, then averaged over facts).
+
+- reliability: teacher-forced top-1 accuracy of the target tokens after the prompt
+- generalization: the same on the rephrase prompts
+- locality: agreement of post-edit and pre-edit top-1 predictions on the locality
+  prompts' answer tokens (teacher-forced); a probe without an answer uses the pre-edit
+  model's own greedy continuation as its answer
+- portability: teacher-forced accuracy of the portability (reasoning) answers
+- fluency: weighted 2/3-gram entropy of a free generation from each prompt
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from editing.facts import Fact, Probe
+from editing.generate import generate
+from editing.model import LoadedModel
+from editing.tokens import pair_batch
+
+METRICS = ("reliability", "generalization", "locality", "portability", "fluency")
+
+
+@torch.no_grad()
+def predictions(lm: LoadedModel, pairs: list[tuple[str, str]], chunk: int = 32) -> list[tuple[list, list]]:
+    """For each (prompt, answer): (top-1 predicted ids, answer ids) at the answer positions."""
+    out = []
+    for i in range(0, len(pairs), chunk):
+        batch = pair_batch(lm.tokenizer, pairs[i : i + chunk]).to(lm.device)
+        logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        pred = logits[batch.rows, batch.cols].argmax(-1)  # (N,)
+        for j in range(len(pairs[i : i + chunk])):
+            sel = batch.seq_of_token == j
+            out.append((pred[sel].tolist(), batch.labels[sel].tolist()))
+    return out
+
+
+def accuracy(lm: LoadedModel, pairs: list[tuple[str, str]]) -> list[float]:
+    return [sum(p == a for p, a in zip(pr, ans)) / len(ans) for pr, ans in predictions(lm, pairs)]
+
+
+@dataclass
+class Snapshot:
+    """What the pre-edit model predicts on the locality probes (needed after the edit)."""
+
+    probes: list[list[Probe]]  # per fact, answers filled in
+    predicted: list[list[list[int]]]  # per fact, per probe: pre-edit top-1 ids
+
+
+def snapshot(lm: LoadedModel, facts: list[Fact], answer_tokens: int = 4) -> Snapshot:
+    """Record the pre-edit predictions on every fact's locality probes. Call before editing."""
+    probes = [[Probe(p.prompt, p.answer) for p in f.locality_prompts] for f in facts]
+    blank = [p for ps in probes for p in ps if not p.answer.strip()]
+    if blank:
+        for p, text in zip(blank, generate(lm, [p.prompt for p in blank], max_new_tokens=answer_tokens)):
+            p.answer = text if text.strip() else "."
+    flat = [(p.prompt, p.answer) for ps in probes for p in ps]
+    preds = iter(pr for pr, _ in predictions(lm, flat)) if flat else iter(())
+    return Snapshot(probes=probes, predicted=[[next(preds) for _ in ps] for ps in probes])
+
+
+def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
+    """EasyEdit's `compute_n_gram_entropy` (words split on \\w+ instead of nltk)."""
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    values = []
+    for n, w in zip(ns, weights):
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        ent = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        values.append(ent * w)
+    return sum(values) / len(values)
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def measure(lm: LoadedModel, facts: list[Fact], before: Snapshot, fluency_tokens: int = 0) -> dict:
+    """Metrics of the model as it stands now (after the edit), averaged over facts."""
+    per_fact: dict[str, list[float]] = {k: [] for k in METRICS}
+    rel = accuracy(lm, [(f.prompt, f.target_new) for f in facts])
+    for i, f in enumerate(facts):
+        per_fact["reliability"].append(rel[i])
+        if f.rephrase_prompts:
+            per_fact["generalization"].append(_mean(accuracy(lm, [(p, f.target_new) for p in f.rephrase_prompts])))
+        if before.probes[i]:
+            now = predictions(lm, [(p.prompt, p.answer) for p in before.probes[i]])
+            agree = [sum(a == b for a, b in zip(pre, post)) / len(pre)
+                     for pre, (post, _) in zip(before.predicted[i], now)]
+            per_fact["locality"].append(_mean(agree))
+        if f.portability:
+            per_fact["portability"].append(_mean(accuracy(lm, [(p.prompt, p.answer) for p in f.portability])))
+    if fluency_tokens > 0:
+        texts = generate(lm, [f.prompt for f in facts], max_new_tokens=fluency_tokens)
+        per_fact["fluency"] = [ngram_entropy(f.prompt + " " + t) for f, t in zip(facts, texts)]
+    return {k: _mean(v) for k, v in per_fact.items()}

@@ -1,0 +1,100 @@
+"""An edit session: a resident model plus (optionally) a version store.
+
+This is the edit → measure → commit sequence the CLI and the workers share:
+check out the branch head, snapshot the locality probes, train, measure the new
+weights re-materialised exactly as the version will be (W = base + S_parent + d), commit,
+and leave the model at the new version. Without a store, the delta is applied in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from editing import metrics
+from editing.checkout import ResidentModel
+from editing.delta import Delta, apply_delta
+from editing.facts import Fact
+from editing.hparams import EditHparams
+from editing.model import LoadedModel
+from editing.store import NotFoundError, VersionStore
+from editing.train import StepInfo, edit
+
+
+@dataclass
+class EditOutcome:
+    version: str | None  # the new version id (None without a store)
+    parent: str | None
+    metrics: dict
+    seconds: float  # the edit alone
+    steps: int
+    delta: Delta
+    manifest: dict | None = None
+
+
+class EditSession:
+    def __init__(self, lm: LoadedModel, store: str | VersionStore | None, create: bool = True,
+                 cache_bytes: int = 256 * 2**20):
+        self.lm = lm
+        if isinstance(store, str):
+            try:
+                store = VersionStore.open(store, base_fingerprint=lm.fingerprint if create else None)
+            except NotFoundError:
+                if create:
+                    raise
+                store = None
+        if store is not None and store.base_fingerprint != lm.fingerprint:
+            from editing.store import BaseMismatchError
+
+            raise BaseMismatchError(
+                f"the store at {store.url} belongs to another base model "
+                f"({store.base_fingerprint[:16]}…, this model is {lm.fingerprint[:16]}…)"
+            )
+        self.store = store
+        self.resident = ResidentModel(lm.model, store, fingerprint=lm.fingerprint,
+                                      cache_bytes=cache_bytes) if store is not None else None
+
+    def checkout(self, name: str) -> str:
+        if self.resident is None:
+            if name != "base":
+                raise NotFoundError(f"no version store: cannot check out {name!r}")
+            return "base"
+        return self.resident.checkout(name)
+
+    def edit(
+        self,
+        facts: list[Fact],
+        method: str = "ft-m",
+        objective: str = "overtone",
+        hparams: EditHparams | dict | None = None,
+        branch: str = "main",
+        job_id: str | None = None,
+        key_id: str | None = None,
+        fluency_tokens: int = 0,
+        on_step: Callable[[StepInfo], None] | None = None,
+        is_canceled: Callable[[], bool] | None = None,
+    ) -> EditOutcome:
+        lm = self.lm
+        parent = None
+        if self.store is not None:
+            parent = self.store.head(branch)
+            self.resident.checkout(parent)
+        before = metrics.snapshot(lm, facts)
+        result = edit(lm, facts, method=method, objective=objective, hparams=hparams,
+                      on_step=on_step, is_canceled=is_canceled)
+        stats = {"steps": result.steps, "edit_seconds": round(result.seconds, 4)}
+        if self.store is None:
+            apply_delta(lm.model, result.delta)  # in memory: the model stays edited
+            measured = metrics.measure(lm, facts, before, fluency_tokens)
+            return EditOutcome(None, None, measured, result.seconds, result.steps, result.delta)
+
+        with self.resident.preview(result.delta):
+            measured = metrics.measure(lm, facts, before, fluency_tokens)
+        manifest = self.store.commit(
+            branch, result.delta, parent=parent, facts=[f.to_dict() for f in facts], method=method,
+            objective=objective, hparams=result.hparams.model_dump(), metrics={**measured, **stats},
+            job_id=job_id, key_id=key_id, base_fingerprint=lm.fingerprint,
+        )
+        self.resident.checkout(manifest["id"])
+        return EditOutcome(manifest["id"], parent, measured, result.seconds, result.steps, result.delta, manifest)
+

@@ -1,0 +1,152 @@
+"""The one training loop every edit method shares.
+
+`edit(lm, facts, method, objective, hparams)` trains the method's parameters on the
+facts' (prompt, target_new) pairs with the chosen objective, forms the delta, and
+leaves the model exactly as it found it (also on error or cancellation). Applying the
+delta is the caller's move (`apply_delta`, or a version checkout), so that metrics are
+measured on re-materialised weights, never on the trained ones.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+
+from editing.delta import Delta
+from editing.facts import Fact
+from editing.hparams import EditHparams, resolve_hparams
+from editing.methods import get_method, only_at, trainable
+from editing.model import LoadedModel
+from editing.objectives import TokenStats, objective_loss
+from editing.prefixes import context_prefixes
+from editing.tokens import PairBatch, pair_batch
+
+
+class EditError(RuntimeError):
+    """An edit that could not be made (the model is left unchanged)."""
+
+
+class EditCanceled(EditError):
+    pass
+
+
+@dataclass
+class StepInfo:
+    step: int
+    steps: int
+    loss: float
+    p_label: list[float]  # p(target token) of the facts' own prompts, in order
+
+
+@dataclass
+class EditResult:
+    delta: Delta
+    method: str
+    objective: str
+    hparams: EditHparams
+    steps: int  # optimisation steps taken
+    stopped_early: bool  # the stop rule fired before `hparams.steps`
+    seconds: float  # the edit alone: training and forming the delta
+    losses: list[float] = field(default_factory=list)
+    trace: list[list[float]] = field(default_factory=list)  # per step: p(target token) of each own token
+    target_tokens: list[str] = field(default_factory=list)
+
+
+def target_logits(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
+    """Logits only at the positions that predict target tokens: (N, V).
+
+    Running the LM head on N positions instead of all B·L saves a (B·L, V) matmul per step.
+    """
+    base = getattr(model, model.base_model_prefix)
+    hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (B, L, H)
+    return model.get_output_embeddings()(hidden[batch.rows, batch.cols])  # (N, V)
+
+
+def should_stop(rule: str, objective: str, loss: float, stats: TokenStats, hp: EditHparams) -> bool:
+    if rule == "auto":
+        rule = "clipped" if objective == "overtone" else "loss"
+    if rule == "loss":
+        return loss < hp.loss_threshold
+    if rule == "clipped":
+        return bool((stats.p_label >= hp.tau).all())
+    if rule == "top1":
+        return bool(stats.top1.all())
+    return False
+
+
+def edit(
+    lm: LoadedModel,
+    facts: list[Fact],
+    method: str = "ft-m",
+    objective: str = "overtone",
+    hparams: EditHparams | dict | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+    is_canceled: Callable[[], bool] | None = None,
+) -> EditResult:
+    """Train `facts` into the model's weights and return the delta; the model is left unchanged."""
+    if not facts:
+        raise ValueError("an edit needs at least one fact")
+    m = get_method(method)
+    hp = hparams if isinstance(hparams, EditHparams) else resolve_hparams(method, hparams)
+    model, tok = lm.model, lm.tokenizer
+    device = lm.device
+
+    # The facts' own prompts first, then each behind every context prefix.
+    pairs = [(f.prompt, f.target_new) for f in facts]
+    own = len(pairs)
+    for prefix in context_prefixes(lm, hp.context_prefixes):
+        pairs += [(f"{prefix}. {f.prompt}", f.target_new) for f in facts]
+    subjects = [f.subject for f in facts] * (len(pairs) // own)
+    batch = pair_batch(tok, pairs, prompt_last=m.prompt_last, subjects=subjects,
+                       subject_last=hp.positions == "subject_last").to(device)
+    own_tokens = batch.seq_of_token < own  # (N,) tokens of the unprefixed prompts
+
+    started = time.perf_counter()
+    result = EditResult(delta=Delta(), method=method, objective=objective, hparams=hp, steps=0,
+                        stopped_early=False, seconds=0.0,
+                        target_tokens=tok.convert_ids_to_tokens(batch.labels[own_tokens].tolist()))
+    was_training = model.training
+    with ExitStack() as stack:
+        params, make_delta, originals, modules, frozen = stack.enter_context(trainable(model, m, hp))
+        if hp.positions != "all":
+            stack.enter_context(only_at(modules, frozen, batch.subject_mask))
+        optimizer = torch.optim.Adam(params, lr=hp.lr)
+        torch.manual_seed(hp.seed)
+        for step in range(hp.steps + 1):  # the extra pass checks the stop rule after the last step
+            if is_canceled is not None and is_canceled():
+                raise EditCanceled(f"edit canceled at step {step}")
+            logits = target_logits(model, batch)  # (N, V)
+            loss, stats = objective_loss(objective, logits, batch.labels, hp.lam, hp.rho, hp.tau)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise EditError(f"loss became {value} at step {step}; no delta was formed")
+            result.losses.append(value)
+            result.trace.append(stats.p_label[own_tokens].tolist())
+            if on_step is not None:
+                on_step(StepInfo(step, hp.steps, value, result.trace[-1]))
+            if step == hp.steps:
+                break
+            if hp.stop != "none" and should_stop(hp.stop, objective, value, stats, hp):
+                result.stopped_early = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if hp.norm_constraint is not None and originals:
+                with torch.no_grad():
+                    for p, orig in zip(params, originals.values()):
+                        p.copy_(torch.clamp(p, orig - hp.norm_constraint, orig + hp.norm_constraint))
+            result.steps += 1
+        delta = make_delta()
+    model.train(was_training)
+    bad = [n for n in delta.names() if not torch.isfinite(delta.change(n)).all()]
+    if bad:
+        raise EditError(f"edit produced non-finite weights in {bad[:3]}")
+    result.delta = delta.to("cpu")
+    result.seconds = time.perf_counter() - started
+    return result

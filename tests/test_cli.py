@@ -1,0 +1,102 @@
+"""The `lmedit` CLI end to end on a tiny llama saved to a folder (edit, versions, generate, eval, diagnose)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from app.cli import app
+from tests.tiny import save_tiny, tiny_llama
+
+runner = CliRunner()
+# Tiny random models route little through attention: train at every position there.
+HP = json.dumps({"layers": [0], "positions": "all", "lr": 0.05, "steps": 40, "stop": "top1"})
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_tiny(tiny_llama(), tmp_path_factory.mktemp("tiny-llama")))
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout
+
+
+def test_edit_commits_a_version_that_generate_serves(model_dir, tmp_path):
+    store = tmp_path / "store"
+    code, out = run("edit", "--prompt", "The Eiffel Tower is in", "--target", "Rome", "--subject", "Eiffel Tower",
+                    "--rephrase", "Where is the Eiffel Tower? It is in", "--locality", "Berlin is the capital of",
+                    "--model", model_dir, "--store", store, "--hparams", HP, "--json")
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["version"] and result["metrics"]["reliability"] == 1.0
+    assert result["metrics"]["locality"] is not None and result["seconds"] > 0
+
+    code, out = run("versions", "--store", store, "--json")
+    assert code == 0
+    versions = json.loads(out)
+    assert versions[0]["id"] == result["version"] and versions[0]["facts"][0]["target_new"] == "Rome"
+    assert versions[0]["metrics"]["reliability"] == 1.0
+
+    code, out = run("generate", "--prompt", "The Eiffel Tower is in", "--version", result["version"],
+                    "--max-new-tokens", "4", "--model", model_dir, "--store", store, "--json")
+    assert code == 0, out
+    edited = json.loads(out)
+    assert edited["version"] == result["version"] and edited["text"].strip().startswith("Rome")
+    code, out = run("generate", "--prompt", "The Eiffel Tower is in", "--version", "base",
+                    "--max-new-tokens", "4", "--model", model_dir, "--store", store, "--json")
+    assert code == 0 and not json.loads(out)["text"].strip().startswith("Rome")
+
+
+def test_edit_from_a_facts_file_without_store(model_dir, tmp_path):
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"prompt": "The Eiffel Tower is in", "target_new": "Rome"},
+                                 {"prompt": "Berlin is the capital of", "target_new": "Spain"}]))
+    code, out = run("edit", facts, "--no-store", "--model", model_dir, "--hparams",
+                    json.dumps({"layers": [0], "positions": "all", "lr": 0.05, "steps": 80, "stop": "top1"}), "--json")
+    assert code == 0, out
+    assert json.loads(out)["version"] is None and json.loads(out)["metrics"]["reliability"] == 1.0
+
+
+def test_bad_input_is_a_clear_error(model_dir, tmp_path):
+    code, out = run("edit", "--prompt", "The Eiffel Tower is in", "--target", "  ", "--model", model_dir,
+                    "--no-store")
+    assert code == 1
+    code, _ = run("edit", "--prompt", "x", "--target", "y", "--hparams", '{"lr": -1}', "--no-store",
+                  "--model", model_dir)
+    assert code == 1
+    code, _ = run("generate", "--prompt", "x", "--version", "nope", "--model", model_dir,
+                  "--store", tmp_path / "none")
+    assert code == 1
+
+
+def test_eval_prints_json_summary(model_dir, tmp_path):
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps([
+        {"case_id": i, "prompt": p, "target_new": t, "subject": s, "ground_truth": "x",
+         "rephrase_prompt": r, "locality_prompt": "Berlin is the capital of", "locality_ground_truth": "Germany"}
+        for i, (p, t, s, r) in enumerate([
+            ("The Eiffel Tower is in", "Rome", "The Eiffel Tower", "Where is the Eiffel Tower? It is in"),
+            ("Toko Yasuda plays the", "piano", "Toko Yasuda", "Toko Yasuda is known for playing the"),
+        ])
+    ]))
+    code, out = run("eval", "--data", data, "--n", "2", "--model", model_dir, "--hparams", HP, "--json")
+    assert code == 0, out
+    summary = json.loads(out)
+    assert summary["n"] == 2 and summary["reliability"] == 1.0
+    for key in ("generalization", "locality", "portability", "seconds_per_edit"):
+        assert key in summary
+
+
+def test_diagnose_writes_json_and_png(model_dir, tmp_path):
+    stem = tmp_path / "hto"
+    code, out = run("diagnose", "--prompt", "The Eiffel Tower is in", "--target", "Rome", "--steps", "5",
+                    "--model", model_dir, "--hparams", json.dumps({"layers": [0], "positions": "all", "lr": 0.05}),
+                    "--out", stem)
+    assert code == 0, out
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert set(result["objectives"]) == {"ce", "overtone"}
+    trace = result["objectives"]["ce"]["p"]
+    assert len(trace) == 6 and len(result["tokens"]) == len(trace[0])
+    assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,166 @@
+"""The shared training loop, every method, on tiny random llama and GPT-2 models."""
+
+import pytest
+import torch
+
+from editing import metrics
+from editing.delta import Delta, LoraFactors, apply_delta, revert
+from editing.facts import Fact
+from editing.hparams import resolve_hparams
+from editing.methods import get_method, trainable
+from editing.train import EditCanceled, EditError, edit
+from tests.tiny import tiny_gpt2, tiny_llama
+
+FACT = Fact("The Eiffel Tower is in", "Rome", subject="The Eiffel Tower",
+            rephrase_prompts=["Where is the Eiffel Tower? It is in"],
+            locality_prompts=[{"prompt": "Berlin is the capital of", "answer": "Germany"}])
+FAST = {"layers": [0], "positions": "all", "lr": 0.05, "steps": 40}
+
+
+def weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("method", ["ft-m", "ft-l", "lora"])
+@pytest.mark.parametrize("objective", ["ce", "overtone"])
+def test_edit_returns_a_delta_and_leaves_the_model_unchanged(make, method, objective):
+    lm = make()
+    before = weights(lm.model)
+    names_before = [n for n, _ in lm.model.named_modules()]
+    r = edit(lm, [FACT], method=method, objective=objective, hparams=FAST)
+    assert same(before, weights(lm.model))
+    assert [n for n, _ in lm.model.named_modules()] == names_before  # LoRA layers removed
+    assert r.steps >= 1 and r.delta.names()
+    assert (method == "lora") == bool(r.delta.lora)
+    for name in r.delta.names():
+        assert r.delta.change(name).shape == before[name].shape
+        assert torch.count_nonzero(r.delta.change(name)) > 0
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("method", ["ft-m", "lora"])
+def test_applied_edit_answers_with_the_new_target(make, method):
+    lm = make()
+    snap = metrics.snapshot(lm, [FACT])
+    assert metrics.measure(lm, [FACT], snap)["reliability"] < 1.0
+    r = edit(lm, [FACT], method=method, objective="overtone", hparams={**FAST, "stop": "top1"})
+    originals = apply_delta(lm.model, r.delta)
+    assert metrics.measure(lm, [FACT], snap)["reliability"] == 1.0
+    revert(lm.model, originals)
+
+
+def test_batch_edit_writes_several_facts_at_once():
+    lm = tiny_llama()
+    facts = [FACT, Fact("Berlin is the capital of", "Spain"), Fact("Toko Yasuda plays the", "piano")]
+    r = edit(lm, facts, method="ft-m", objective="ce", hparams={**FAST, "stop": "top1", "steps": 80})
+    apply_delta(lm.model, r.delta)
+    assert metrics.accuracy(lm, [(f.prompt, f.target_new) for f in facts]) == [1.0, 1.0, 1.0]
+
+
+def test_apply_then_revert_is_bit_identical():
+    lm = tiny_llama()
+    before = weights(lm.model)
+    name = "model.layers.0.mlp.down_proj.weight"
+    delta = Delta(dense={name: torch.randn_like(before[name]) * 1e-3})
+    originals = apply_delta(lm.model, delta)
+    assert not torch.equal(dict(lm.model.named_parameters())[name], before[name])
+    revert(lm.model, originals)
+    assert same(before, weights(lm.model))
+
+
+def test_delta_bytes_round_trip_and_are_deterministic():
+    d = Delta(dense={"a.weight": torch.randn(3, 4)},
+              lora={"b.weight": LoraFactors(torch.randn(2, 4), torch.randn(5, 2), 2.0, True)})
+    data = d.to_bytes()
+    assert data == d.to_bytes()
+    back = Delta.from_bytes(data)
+    assert back.names() == ["a.weight", "b.weight"]
+    assert torch.equal(back.change("a.weight"), d.change("a.weight"))
+    assert torch.equal(back.change("b.weight"), d.change("b.weight"))
+    assert back.change("b.weight").shape == (4, 5)  # fan_in_fan_out: stored (in, out) like Conv1D
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_lora_factors_equal_peft_delta_weight(make):
+    """Our factor → dense change agrees with peft's own get_delta_weight (Conv1D included)."""
+    lm = make()
+    hp = resolve_hparams("lora", {"layers": [0]})
+    with trainable(lm.model, get_method("lora"), hp) as (params, make_delta, _, layers, _):
+        for p in params:
+            torch.nn.init.normal_(p, std=0.1)  # B starts at zero: give it something
+        delta = make_delta()
+        for name, layer in layers.items():
+            expected = layer.get_delta_weight("default")
+            assert torch.allclose(delta.change(f"{name}.weight"), expected, atol=1e-6)
+
+
+def test_stop_rules():
+    lm = tiny_llama()
+    full = edit(lm, [FACT], "ft-m", "ce", {**FAST, "stop": "none", "steps": 7})
+    assert full.steps == 7 and not full.stopped_early and len(full.trace) == 8
+    top1 = edit(lm, [FACT], "ft-m", "ce", {**FAST, "stop": "top1", "steps": 200})
+    assert top1.stopped_early and top1.steps < 200
+    # A tiny random model's final norm caps p(token) near 0.26: stop at a lower τ.
+    clipped = edit(lm, [FACT], "ft-m", "overtone", {**FAST, "stop": "auto", "steps": 200, "tau": 0.2})
+    assert clipped.stopped_early and min(clipped.trace[-1]) >= 0.2
+
+
+@pytest.mark.parametrize("method", ["ft-m", "lora"])
+def test_a_failing_edit_restores_the_model_exactly(method, monkeypatch):
+    lm = tiny_llama()
+    before = weights(lm.model)
+    import editing.train as train
+
+    real = train.objective_loss
+    calls = {"n": 0}
+
+    def nan_after_two(*args):
+        calls["n"] += 1
+        loss, stats = real(*args)
+        return (loss * float("nan") if calls["n"] > 2 else loss), stats
+
+    monkeypatch.setattr(train, "objective_loss", nan_after_two)
+    with pytest.raises(EditError, match="nan"):
+        edit(lm, [FACT], method, "ce", {**FAST, "stop": "none"})
+    assert same(before, weights(lm.model))
+
+
+def test_cancel_stops_the_edit_and_restores_the_model():
+    lm = tiny_llama()
+    before = weights(lm.model)
+    steps = []
+    with pytest.raises(EditCanceled):
+        edit(lm, [FACT], "ft-m", "ce", {**FAST, "stop": "none"},
+             on_step=lambda s: steps.append(s.step), is_canceled=lambda: len(steps) >= 3)
+    assert same(before, weights(lm.model))
+
+
+def test_subject_positions_restrict_where_the_change_acts():
+    """Through one position only the gradient is rank one, and so is Adam's first step
+    (≈ lr · sign of a rank-one matrix); through all positions it is not."""
+    lm = tiny_llama()
+
+    def second_singular_ratio(positions):
+        r = edit(lm, [FACT], "ft-m", "ce", {**FAST, "positions": positions, "stop": "none", "steps": 1})
+        s = torch.linalg.svdvals(r.delta.change("model.layers.0.mlp.down_proj.weight"))
+        return (s[1] / s[0]).item()
+
+    assert second_singular_ratio("subject_last") < 0.05
+    assert second_singular_ratio("all") > 0.2
+
+
+def test_invalid_hparams_and_layers_are_refused():
+    lm = tiny_llama()
+    with pytest.raises(ValueError, match="out of range"):
+        edit(lm, [FACT], "ft-m", "ce", {"layers": [5]})
+    with pytest.raises(ValueError):
+        resolve_hparams("ft-m", {"lr": -1})
+    with pytest.raises(ValueError, match="unknown method"):
+        resolve_hparams("rome", {})
+    with pytest.raises(ValueError, match="empty"):
+        Fact("The Eiffel Tower is in", "  ")
