@@ -72,6 +72,11 @@ def target_modules(model: torch.nn.Module, hp: EditHparams) -> dict[str, torch.n
     return found
 
 
+def first_layer(modules: dict[str, torch.nn.Module]) -> int:
+    """The lowest block index among edited modules' names."""
+    return min(int(_BLOCK.search(name).group(1)) for name in modules)
+
+
 def is_conv1d(module: torch.nn.Module) -> bool:
     """GPT-2's Conv1D stores weights as (in, out): peft needs fan_in_fan_out for it."""
     return type(module).__name__ == "Conv1D"
@@ -135,8 +140,9 @@ def trainable(model: torch.nn.Module, method: Method, hp: EditHparams):
         r=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=0.0, bias="none",
         target_modules=sorted(modules), fan_in_fan_out=conv.pop(),
     )
-    torch.manual_seed(hp.seed)  # LoRA's A is initialised at random
-    peft_model = get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):  # LoRA's A is initialised at random: seeded, locally
+        torch.manual_seed(hp.seed)
+        peft_model = get_peft_model(model, config)
     try:
         lora_layers = {name: peft_model.base_model.model.get_submodule(name) for name in modules}
         params = [p for layer in lora_layers.values() for p in

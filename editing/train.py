@@ -19,8 +19,9 @@ import torch
 
 from editing.delta import Delta
 from editing.facts import Fact
+from editing.frozen_layers import skip_frozen_layers
 from editing.hparams import EditHparams, resolve_hparams
-from editing.methods import get_method, only_at, trainable
+from editing.methods import first_layer, get_method, only_at, trainable
 from editing.model import LoadedModel
 from editing.objectives import TokenStats, objective_loss
 from editing.prefixes import context_prefixes
@@ -57,13 +58,17 @@ class EditResult:
     target_tokens: list[str] = field(default_factory=list)
 
 
-def target_logits(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
+def target_logits(model: torch.nn.Module, batch: PairBatch, inputs: torch.Tensor | None = None) -> torch.Tensor:
     """Logits only at the positions that predict target tokens: (N, V).
 
     Running the LM head on N positions instead of all B·L saves a (B·L, V) matmul per step.
+    `inputs`: hidden states to start from instead of token ids (see frozen_layers.py).
     """
     base = getattr(model, model.base_model_prefix)
-    hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state  # (B, L, H)
+    if inputs is None:
+        hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    else:
+        hidden = base(inputs_embeds=inputs, attention_mask=batch.attention_mask).last_hidden_state  # (B, L, H)
     return model.get_output_embeddings()(hidden[batch.rows, batch.cols])  # (N, V)
 
 
@@ -110,17 +115,16 @@ def edit(
     result = EditResult(delta=Delta(), method=method, objective=objective, hparams=hp, steps=0,
                         stopped_early=False, seconds=0.0,
                         target_tokens=tok.convert_ids_to_tokens(batch.labels[own_tokens].tolist()))
-    was_training = model.training
     with ExitStack() as stack:
         params, make_delta, originals, modules, frozen = stack.enter_context(trainable(model, m, hp))
         if hp.positions != "all":
             stack.enter_context(only_at(modules, frozen, batch.subject_mask))
+        inputs = stack.enter_context(skip_frozen_layers(model, first_layer(modules), batch))
         optimizer = torch.optim.Adam(params, lr=hp.lr)
-        torch.manual_seed(hp.seed)
         for step in range(hp.steps + 1):  # the extra pass checks the stop rule after the last step
             if is_canceled is not None and is_canceled():
                 raise EditCanceled(f"edit canceled at step {step}")
-            logits = target_logits(model, batch)  # (N, V)
+            logits = target_logits(model, batch, inputs)  # (N, V)
             loss, stats = objective_loss(objective, logits, batch.labels, hp.lam, hp.rho, hp.tau)
             value = loss.item()
             if not math.isfinite(value):
@@ -143,7 +147,6 @@ def edit(
                         p.copy_(torch.clamp(p, orig - hp.norm_constraint, orig + hp.norm_constraint))
             result.steps += 1
         delta = make_delta()
-    model.train(was_training)
     bad = [n for n in delta.names() if not torch.isfinite(delta.change(n)).all()]
     if bad:
         raise EditError(f"edit produced non-finite weights in {bad[:3]}")

@@ -1,5 +1,7 @@
 """The shared training loop, every method, on tiny random llama and GPT-2 models."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -164,3 +166,27 @@ def test_invalid_hparams_and_layers_are_refused():
         resolve_hparams("rome", {})
     with pytest.raises(ValueError, match="empty"):
         Fact("The Eiffel Tower is in", "  ")
+
+
+@pytest.mark.parametrize("method", ["ft-m", "lora"])
+def test_skipping_frozen_layers_changes_no_result(method, monkeypatch):
+    """Blocks below the edited one run once per edit; the edit comes out the same."""
+    import editing.train as train
+    from editing.frozen_layers import skip_frozen_layers
+
+    lm = tiny_llama(layers=3)
+    hp = {**FAST, "layers": [1], "stop": "none", "steps": 4}
+    fast = edit(lm, [FACT], method, "overtone", hp)
+
+    @contextmanager
+    def no_skip(model, first, batch):
+        yield None
+
+    monkeypatch.setattr(train, "skip_frozen_layers", no_skip)
+    slow = edit(lm, [FACT], method, "overtone", hp)
+    for name in fast.delta.names():
+        assert torch.allclose(fast.delta.change(name), slow.delta.change(name), atol=1e-6)
+    assert fast.losses == pytest.approx(slow.losses, abs=1e-6)
+    with skip_frozen_layers(lm.model, 1, train.pair_batch(lm.tokenizer, [("a b", "c")])) as cached:
+        assert cached is not None and len(lm.model.model.layers) == 2
+    assert len(lm.model.model.layers) == 3  # restored
