@@ -1,12 +1,13 @@
 """Step time of `overtone` vs `ce` on the same SmolLM2 edit, same run.
 
 OVERTONE costs one extra softmax-sized pass over the target positions only (the filtered
-self-prediction); the forward and backward through the model are the same. Both
-objectives train the same fact for a fixed number of steps (no early stop), interleaved
-over several rounds so that machine noise hits both alike; the ratio of median step
-times is printed and written to benchmarks/results/overtone_overhead.json.
+self-prediction); the forward and backward through the model are the same. This times
+single training steps (forward, loss, backward, Adam step) of the same ft-m edit,
+alternating ce / overtone step by step so that machine noise hits both alike, and
+reports the ratio of the medians, in CPU time (robust on a shared machine) and in wall
+time. Results go to benchmarks/results/overtone_overhead.json.
 
-    python benchmarks/overtone_overhead.py [--rounds 5] [--steps 10] [--threads 1]
+    python benchmarks/overtone_overhead.py [--steps 30] [--threads 1] [--target "Rio de Janeiro"]
 """
 
 from __future__ import annotations
@@ -16,44 +17,68 @@ import json
 import platform
 import statistics
 import subprocess
+import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
-from editing.facts import Fact
+from editing.frozen_layers import skip_frozen_layers
+from editing.hparams import resolve_hparams
+from editing.methods import first_layer, get_method, only_at, trainable
 from editing.model import load_model
-from editing.train import edit
+from editing.objectives import objective_loss
+from editing.tokens import pair_batch
+from editing.train import target_logits
 
 OUT = Path(__file__).resolve().parent / "results" / "overtone_overhead.json"
-FACT = Fact("The mother tongue of Danielle Darrieux is", "English", subject="Danielle Darrieux")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per objective")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--method", default="ft-m")
+    ap.add_argument("--prompt", default="The Eiffel Tower is located in the city of")
+    ap.add_argument("--subject", default="The Eiffel Tower")
+    ap.add_argument("--target", default="Rio de Janeiro")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model()
-    hp = {"steps": args.steps, "stop": "none"}
-    edit(lm, [FACT], args.method, "ce", hp)  # warm-up
-    per_step: dict[str, list[float]] = {"ce": [], "overtone": []}
-    for _ in range(args.rounds):
-        for objective in per_step:
-            r = edit(lm, [FACT], args.method, objective, hp)
-            per_step[objective].append(r.seconds / r.steps)
-    median = {k: statistics.median(v) for k, v in per_step.items()}
-    ratio = median["overtone"] / median["ce"]
+    hp = resolve_hparams("ft-m", {})
+    batch = pair_batch(lm.tokenizer, [(args.prompt, args.target)], subjects=[args.subject], subject_last=True)
+    wall: dict[str, list[float]] = {"ce": [], "overtone": []}
+    cpu: dict[str, list[float]] = {"ce": [], "overtone": []}
+    with ExitStack() as stack:
+        params, _, _, modules, frozen = stack.enter_context(trainable(lm.model, get_method("ft-m"), hp))
+        stack.enter_context(only_at(modules, frozen, batch.subject_mask))
+        inputs = stack.enter_context(skip_frozen_layers(lm.model, first_layer(modules), batch))
+        optimizer = torch.optim.Adam(params, lr=hp.lr)
+
+        def step(objective: str) -> None:
+            logits = target_logits(lm.model, batch, inputs)  # (N, V)
+            loss, _ = objective_loss(objective, logits, batch.labels, hp.lam, hp.rho, hp.tau)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        for objective in wall:  # warm-up
+            step(objective)
+        for _ in range(args.steps):
+            for objective in wall:
+                w, c = time.perf_counter(), time.process_time()
+                step(objective)
+                wall[objective].append(time.perf_counter() - w)
+                cpu[objective].append(time.process_time() - c)
+    med = {kind: {k: statistics.median(v) for k, v in d.items()} for kind, d in (("wall", wall), ("cpu", cpu))}
+    ratio = {kind: m["overtone"] / m["ce"] for kind, m in med.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"method": args.method, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
-              "ce_step_s": median["ce"], "overtone_step_s": median["overtone"], "ratio": ratio,
-              "all": per_step, "commit": commit, "cpu": platform.processor() or platform.machine()}
+    result = {"threads": args.threads, "steps": args.steps, "target_tokens": len(batch.labels),
+              "median_step_s": med, "ratio": ratio, "commit": commit, "machine": platform.machine(),
+              "load_average": list(__import__("os").getloadavg())}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=1))
-    print(f"ce {median['ce'] * 1000:.1f} ms/step, overtone {median['overtone'] * 1000:.1f} ms/step, "
-          f"ratio {ratio:.3f} (goal ≤ 1.05)")
+    print(f"ce {med['cpu']['ce'] * 1000:.1f} ms/step, overtone {med['cpu']['overtone'] * 1000:.1f} ms/step (CPU time): "
+          f"ratio {ratio['cpu']:.3f}; wall-time ratio {ratio['wall']:.3f} (goal ≤ 1.05)")
 
 
 if __name__ == "__main__":
