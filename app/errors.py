@@ -1,0 +1,139 @@
+"""Errors as JSON `{"error": {"code", "message"}}` with the statuses DESIGN.md lists; never a bare 500."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from editing.store import BaseMismatchError, ConflictError, CorruptObjectError, NotFoundError, StoreError
+
+log = logging.getLogger("lmedit.api")
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers
+
+
+class InvalidRequest(ApiError):
+    status, code = 422, "invalid_request"
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+
+
+class TooLarge(ApiError):
+    status, code = 413, "too_large"
+
+
+class QueueFull(ApiError):
+    status, code = 429, "queue_full"
+
+
+class Unavailable(ApiError):
+    status, code = 503, "unavailable"
+
+
+class GatewayTimeout(ApiError):
+    status, code = 504, "timeout"
+
+
+def error_body(code: str, message: str, **extra) -> dict:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+               409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid_request",
+               429: "queue_full", 503: "unavailable", 504: "timeout"}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, list[dict]]:
+    details = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        details.append({"field": loc, "message": e.get("msg", "")})
+    text = "; ".join(f"{d['field']}: {d['message']}" if d["field"] else d["message"] for d in details)
+    return text or "invalid request", details
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, details = _validation_message(exc)
+        return error_response(422, "invalid_request", message, details=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(NotFoundError)
+    async def store_not_found(request: Request, exc: NotFoundError) -> JSONResponse:
+        return error_response(404, "not_found", str(exc))
+
+    @app.exception_handler(ConflictError)
+    async def store_conflict(request: Request, exc: ConflictError) -> JSONResponse:
+        return error_response(409, "conflict", str(exc))
+
+    @app.exception_handler(BaseMismatchError)
+    async def store_mismatch(request: Request, exc: BaseMismatchError) -> JSONResponse:
+        return error_response(409, "conflict", str(exc))
+
+    @app.exception_handler(CorruptObjectError)
+    async def store_corrupt(request: Request, exc: CorruptObjectError) -> JSONResponse:
+        log.error("store corruption: %s", exc)
+        return error_response(500, "store_corrupt", f"{exc} (run `lmedit store fsck`)")
+
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
+        return error_response(503, "store_unavailable", str(exc))
+
+    @app.exception_handler(ValueError)
+    async def value_error(request: Request, exc: ValueError) -> JSONResponse:
+        return error_response(422, "invalid_request", str(exc))
+
+    @app.exception_handler(RedisConnectionError)
+    async def redis_down(request: Request, exc: RedisConnectionError) -> JSONResponse:
+        return error_response(503, "unavailable", f"Redis is unreachable: {exc}",
+                              {"Retry-After": "5"})
+
+    @app.exception_handler(RedisTimeoutError)
+    async def redis_timeout(request: Request, exc: RedisTimeoutError) -> JSONResponse:
+        return error_response(503, "unavailable", f"Redis timed out: {exc}", {"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")

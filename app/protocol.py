@@ -1,0 +1,61 @@
+"""What app/ and workers/ agree on: queue names, job function names, Redis keys, payload shapes.
+
+Torch-free and HTTP-free: the API imports it to enqueue, the workers to run and report.
+Jobs are enqueued by name with JSON payloads (RQ's JSONSerializer): no pickle of client data.
+"""
+
+from __future__ import annotations
+
+GENERATE_QUEUE = "generate"
+EDITS_QUEUE = "edits"
+QUEUES = (GENERATE_QUEUE, EDITS_QUEUE)  # workers listen in this order: generations first
+
+APPLY_EDIT = "workers.jobs.apply_edit"  # apply_edit(request: EditJob dict) -> EditResult dict
+GENERATE = "workers.jobs.generate"  # generate(request: GenerateJob dict) -> None (result via result_key)
+
+SERIALIZER = "rq.serializers.JSONSerializer"
+
+PREFIX = "lmedit"
+WORKERS = f"{PREFIX}:workers"  # zset: worker name -> last heartbeat (unix time)
+RESULT_TTL_S = 120  # generation results and token streams expire after this
+
+
+def workers_key(queue: str) -> str:
+    """zset of workers listening on `queue`: name -> last heartbeat."""
+    return f"{WORKERS}:{queue}"
+
+
+def seq_key(branch: str) -> str:
+    """Counter of edits accepted for a branch (each edit's seq)."""
+    return f"{PREFIX}:branch:{branch}:seq"
+
+
+def pending_key(branch: str) -> str:
+    """List of the branch's unfinished edit job ids, in acceptance order."""
+    return f"{PREFIX}:branch:{branch}:pending"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"{PREFIX}:cancel:{job_id}"
+
+
+def result_key(job_id: str) -> str:
+    """List the worker pushes a generation's result onto (the API waits on it with BLPOP)."""
+    return f"{PREFIX}:result:{job_id}"
+
+
+def stream_key(job_id: str) -> str:
+    """Redis stream of a streamed generation: {"text": delta} entries, then {"done": result JSON}."""
+    return f"{PREFIX}:stream:{job_id}"
+
+
+def idempotency_key(key_id: str, idempotency: str) -> str:
+    return f"{PREFIX}:idem:{key_id}:{idempotency}"
+
+
+def stats_key(name: str) -> str:
+    """Hash of a duration histogram the workers fill (count, sum, bucket counts)."""
+    return f"{PREFIX}:stats:{name}"
+
+
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)

@@ -1,0 +1,240 @@
+"""The API's side of the job queue: enqueue edits and generations (RQ, JSON payloads, by name),
+read job state, cancel, wait for results without blocking the event loop.
+
+Edits are accepted atomically: one Redis transaction (WATCH/MULTI/EXEC) gives the edit its
+branch sequence number, appends it to the branch's pending list (the order workers apply
+edits in), records the Idempotency-Key and enqueues the RQ job. The 202 goes out only after
+EXEC, when Redis has the job in its append-only file (`appendfsync always` for the embedded
+server; `WAITAOF` where an external server supports it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError, WatchError
+from rq import Queue
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus, Retry
+from rq.serializers import JSONSerializer
+
+from app import protocol
+from app.errors import Conflict, InvalidRequest, QueueFull, Unavailable
+from app.settings import Settings
+
+log = logging.getLogger("lmedit.api")
+
+WAITING = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
+
+
+def body_fingerprint(body: Any) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class JobClient:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=30)
+        # BLPOP / XREAD block for up to a generation's timeout: the socket must wait longer than that
+        self.aredis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True, max_connections=512,
+                                              socket_timeout=settings.generate_timeout_s + 10)
+        self.edits = Queue(protocol.EDITS_QUEUE, connection=self.redis, serializer=JSONSerializer)
+        self.generate = Queue(protocol.GENERATE_QUEUE, connection=self.redis, serializer=JSONSerializer)
+        self._waitaof = True
+
+    async def close(self) -> None:
+        await self.aredis.aclose()
+        self.redis.close()
+
+    # --- health ------------------------------------------------------------------------------
+    def ping(self) -> bool:
+        return bool(self.redis.ping())
+
+    def live_workers(self, queue: str | None = None) -> int:
+        key = protocol.workers_key(queue) if queue else protocol.WORKERS
+        return int(self.redis.zcount(key, time.time() - self.settings.worker_ttl_s, "+inf"))
+
+    def depth(self, queue: Queue) -> int:
+        return int(self.redis.llen(queue.key))
+
+    def _check_capacity(self, queue: Queue) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(queue.key)
+            pipe.zcount(protocol.workers_key(queue.name), time.time() - self.settings.worker_ttl_s, "+inf")
+            depth, workers = pipe.execute()
+        if depth >= self.settings.max_queue_depth:
+            raise QueueFull(f"the {queue.name} queue is full ({depth} jobs waiting); retry later",
+                            {"Retry-After": str(self.settings.retry_after_s)})
+        if not workers and queue.name == protocol.GENERATE_QUEUE:
+            raise Unavailable("no live worker serves generations (start one: lmedit worker)",
+                              {"Retry-After": str(self.settings.retry_after_s)})
+
+    def _wait_durable(self) -> None:
+        """Make sure the last writes are in the append-only file (external Redis: WAITAOF)."""
+        if not self._waitaof:
+            return
+        try:
+            self.redis.execute_command("WAITAOF", 1, 0, 1000)
+        except ResponseError as e:  # an old server, or appendonly off: say so once
+            log.warning("WAITAOF unavailable (%s): accepted jobs are durable only as Redis is configured", e)
+            self._waitaof = False
+
+    # --- edits -------------------------------------------------------------------------------
+    def edit_timeout(self, n_facts: int) -> int:
+        return self.settings.edit_timeout_s + self.settings.edit_timeout_per_fact_s * n_facts
+
+    def enqueue_edit(self, request: dict, *, key_id: str, idempotency_key: str | None) -> dict:
+        """Accept an edit: returns {"job_id", "status", "branch", "seq"} once Redis has it durably.
+        The same Idempotency-Key (per API key) returns the first acceptance; with another body, 422."""
+        branch = request["branch"]
+        fingerprint = body_fingerprint(request)
+        idem = None
+        if idempotency_key:
+            idem = protocol.idempotency_key(key_id, hashlib.sha256(idempotency_key.encode()).hexdigest()[:32])
+        seq_key, pending = protocol.seq_key(branch), protocol.pending_key(branch)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(seq_key, *([idem] if idem else []))
+                    if idem and (existing := pipe.get(idem)) is not None:
+                        pipe.reset()
+                        stored = json.loads(existing)
+                        if stored["fingerprint"] != fingerprint:
+                            raise InvalidRequest("this Idempotency-Key was used with a different request body")
+                        return stored["response"] | {"replayed": True}
+                    depth = pipe.llen(self.edits.key)
+                    if depth >= self.settings.max_queue_depth:
+                        pipe.reset()
+                        raise QueueFull(f"the edits queue is full ({depth} jobs waiting); retry later",
+                                        {"Retry-After": str(self.settings.retry_after_s)})
+                    seq = int(pipe.get(seq_key) or 0) + 1
+                    job_id = uuid.uuid4().hex
+                    response = {"job_id": job_id, "status": "queued", "branch": branch, "seq": seq}
+                    pipe.multi()
+                    pipe.set(seq_key, seq)
+                    pipe.rpush(pending, job_id)
+                    if idem:
+                        pipe.set(idem, json.dumps({"fingerprint": fingerprint, "response": response}),
+                                 ex=self.settings.idempotency_ttl_s)
+                    self.edits.enqueue_call(
+                        protocol.APPLY_EDIT, args=[request | {"seq": seq, "key_id": key_id}], job_id=job_id,
+                        timeout=self.edit_timeout(len(request["facts"])), result_ttl=self.settings.result_ttl_s,
+                        failure_ttl=self.settings.result_ttl_s, retry=Retry(max=self.settings.job_retries),
+                        meta={"kind": "edit", "branch": branch, "seq": seq, "key_id": key_id,
+                              "facts": len(request["facts"])},
+                        description=f"edit {branch}#{seq}", pipeline=pipe,
+                    )
+                    pipe.execute()
+                    break
+                except WatchError:
+                    continue
+        self._wait_durable()
+        return response
+
+    def fetch(self, job_id: str) -> Job | None:
+        try:
+            return Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return None
+
+    def edit_state(self, job_id: str) -> dict | None:
+        """The edit's state from Redis, or None if Redis does not know the job (any more)."""
+        job = self.fetch(job_id)
+        if job is None or job.meta.get("kind") != "edit":
+            return None
+        status = job.get_status(refresh=False)
+        out: dict[str, Any] = {"job_id": job_id, "branch": job.meta.get("branch"), "seq": job.meta.get("seq")}
+        if status in WAITING:
+            out["status"] = "queued"
+            position = self.edits.get_job_position(job_id)
+            out["position"] = position if position is not None else None
+        elif status == JobStatus.STARTED:
+            out["status"] = "running"
+            out["progress"] = job.meta.get("progress")
+            if self.redis.exists(protocol.cancel_key(job_id)):
+                out["cancel_requested"] = True
+        elif status == JobStatus.FINISHED:
+            result = job.return_value()
+            if not isinstance(result, dict):  # the result expired before the job: ask the store
+                return None
+            out.update(result)
+        elif status == JobStatus.FAILED:
+            out["status"] = "failed"
+            latest = job.latest_result()
+            text = (latest.exc_string or "").strip() if latest is not None else ""
+            out["error"] = text.splitlines()[-1] if text else "the job failed"
+        else:  # canceled, stopped
+            out["status"] = "canceled"
+        return out
+
+    def cancel_edit(self, job_id: str) -> dict | None:
+        """Cancel a queued or running edit (a running one stops at its next step)."""
+        job = self.fetch(job_id)
+        if job is None or job.meta.get("kind") != "edit":
+            return None
+        status = job.get_status(refresh=True)
+        if status not in WAITING and status != JobStatus.STARTED:
+            state = self.edit_state(job_id) or {}
+            raise Conflict(f"edit {job_id} is already {state.get('status', status.value)}")
+        self.redis.set(protocol.cancel_key(job_id), 1, ex=self.settings.result_ttl_s)
+        if status in WAITING:
+            try:
+                job.cancel()
+            except InvalidJobOperation:
+                pass
+            self.redis.lrem(protocol.pending_key(job.meta.get("branch", "main")), 0, job_id)
+        return self.edit_state(job_id)
+
+    # --- generations -------------------------------------------------------------------------
+    def enqueue_generate(self, request: dict) -> str:
+        self._check_capacity(self.generate)
+        job_id = uuid.uuid4().hex
+        timeout = math.ceil(self.settings.generate_timeout_s)
+        self.generate.enqueue_call(
+            protocol.GENERATE, args=[request], job_id=job_id, timeout=timeout + 60, ttl=timeout,
+            result_ttl=protocol.RESULT_TTL_S, failure_ttl=3600, retry=Retry(max=1),
+            meta={"kind": "generate"}, description=f"generate {request.get('version')}",
+        )
+        return job_id
+
+    def forget_generate(self, job_id: str) -> None:
+        """A request gave up waiting: cancel its generation if no worker has started it."""
+        job = self.fetch(job_id)
+        if job is not None and job.get_status(refresh=False) in WAITING:
+            try:
+                job.cancel()
+            except InvalidJobOperation:
+                pass
+
+    async def wait_result(self, job_id: str, timeout: float) -> dict | None:
+        """The generation's result (the worker pushes it), or None after `timeout` seconds."""
+        got = await self.aredis.blpop([protocol.result_key(job_id)], timeout=timeout)
+        return json.loads(got[1]) if got else None
+
+    async def stream(self, job_id: str, timeout: float) -> AsyncIterator[dict]:
+        """Entries of a streamed generation: {"text": delta}... then {"done": result}; {"error"} on timeout."""
+        key, last = protocol.stream_key(job_id), "0-0"
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                yield {"error": {"code": "timeout", "message": f"no tokens within {timeout:.0f} s"}}
+                return
+            got = await self.aredis.xread({key: last}, block=max(1, int(min(left, 5.0) * 1000)), count=256)
+            for _, entries in got or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    if "text" in fields:
+                        yield {"text": fields["text"]}
+                    elif "done" in fields:
+                        yield {"done": json.loads(fields["done"])}
+                        return

@@ -1,0 +1,87 @@
+"""/edits: accept facts for a branch (202 + job id), poll a job, cancel it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response, status
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import EditKey, ReadKey, ServicesDep, StoreDep
+from app.errors import InvalidRequest, NotFound, TooLarge
+from app.schemas.edits import EditAccepted, EditRequest, EditState
+from editing.hparams import resolve_hparams
+from editing.store import validate_name
+
+router = APIRouter(prefix="/edits", tags=["edits"])
+
+ERRORS = {401: {"description": "missing or invalid key"}, 403: {"description": "key lacks the edit scope"},
+          404: {"description": "unknown branch"}, 413: {"description": "too many facts or a prompt too long"},
+          422: {"description": "bad facts or hparams"}, 429: {"description": "queue full (Retry-After)"}}
+
+
+def _validate(services, store, body: EditRequest) -> None:
+    limits = services.settings
+    if len(body.facts) > limits.max_facts:
+        raise TooLarge(f"{len(body.facts)} facts in one edit; the limit is {limits.max_facts}")
+    for fact in body.facts:
+        if any(len(t) > limits.max_prompt_chars for t in fact.texts()):
+            raise TooLarge(f"a prompt longer than {limits.max_prompt_chars} characters")
+    try:
+        validate_name(body.branch, "branch name")
+        resolve_hparams(body.method, body.hparams)
+    except ValidationError as e:
+        raise InvalidRequest("hparams: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                                       for err in e.errors())) from None
+    store.head(body.branch)  # 404 for an unknown branch
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=EditAccepted, responses=ERRORS,
+             summary="Accept facts for a branch")
+def create_edit(
+    body: EditRequest, services: ServicesDep, store: StoreDep, principal: EditKey, response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> dict:
+    """Queues one edit (all facts together) for `branch`. The 202 comes once the job is durably in Redis;
+    poll `GET /edits/{job_id}`. A repeated request with the same `Idempotency-Key` returns the same job."""
+    _validate(services, store, body)
+    accepted = services.jobs.enqueue_edit(body.model_dump(mode="json"), key_id=principal.key_id,
+                                          idempotency_key=idempotency_key)
+    response.headers["Location"] = f"/edits/{accepted['job_id']}"
+    if accepted.pop("replayed", False):
+        response.headers["Idempotent-Replayed"] = "true"
+    return accepted
+
+
+def _from_store(store, job_id: str) -> dict | None:
+    for manifest in store.versions():
+        if manifest.get("job_id") == job_id:
+            return {"job_id": job_id, "status": "succeeded", "branch": manifest["branch"], "version": manifest["id"],
+                    "parent": manifest["parent"], "metrics": manifest["metrics"]}
+    return None
+
+
+@router.get("/{job_id}", response_model=EditState, response_model_exclude_none=True,
+            responses={404: {"description": "unknown job"}}, summary="An edit's state")
+async def get_edit(job_id: str, services: ServicesDep, principal: ReadKey) -> dict:
+    """Queued (with its position), running (with progress), succeeded (version, metrics), failed (error)
+    or canceled. Once Redis has forgotten the job, a succeeded edit is still found in the store."""
+    state = await run_in_threadpool(services.jobs.edit_state, job_id)
+    if state is None:
+        state = await run_in_threadpool(_from_store, services.store(), job_id)
+    if state is None:
+        raise NotFound(f"no edit job {job_id}")
+    return state
+
+
+@router.delete("/{job_id}", response_model=EditState, response_model_exclude_none=True,
+               responses={404: {"description": "unknown job"}, 409: {"description": "already finished"}},
+               summary="Cancel an edit")
+def cancel_edit(job_id: str, services: ServicesDep, principal: EditKey) -> dict:
+    """Cancels a queued edit at once; a running one stops at its next training step
+    (its state shows `cancel_requested` until then)."""
+    state = services.jobs.cancel_edit(job_id)
+    if state is None:
+        raise NotFound(f"no edit job {job_id} in the queue")
+    return state

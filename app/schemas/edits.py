@@ -1,0 +1,82 @@
+"""Request and response bodies of /edits."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from editing.hparams import METHODS, OBJECTIVES
+
+Method = Literal[METHODS]  # type: ignore[valid-type]
+Objective = Literal[OBJECTIVES]  # type: ignore[valid-type]
+
+
+class ProbeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    answer: str = ""
+
+
+class FactIn(BaseModel):
+    """A fact to write; rephrase, locality and portability prompts only measure the edit."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, description="The prompt the new answer follows.")
+    target_new: str = Field(min_length=1, description="The new answer.")
+    subject: str | None = Field(None, description="The fact's subject, as written in the prompt.")
+    target_true: str | None = Field(None, description="The current answer (for the record).")
+    rephrase_prompts: list[str] = Field(default_factory=list, max_length=32)
+    locality_prompts: list[ProbeIn | str] = Field(default_factory=list, max_length=32)
+    portability: list[ProbeIn | str] = Field(default_factory=list, max_length=32)
+
+    def texts(self) -> list[str]:
+        probes = [p if isinstance(p, str) else p.prompt for p in self.locality_prompts + self.portability]
+        return [self.prompt, self.target_new, *(self.rephrase_prompts), *probes]
+
+
+class EditRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "facts": [{"prompt": "The Eiffel Tower is located in the city of", "target_new": "Rome",
+                   "subject": "The Eiffel Tower"}],
+        "branch": "main",
+    }]})
+
+    facts: list[FactIn] = Field(min_length=1, description="Edited together as one version.")
+    branch: str = Field("main", description="The branch the new version goes to.")
+    method: Method = "ft-m"
+    objective: Objective = "overtone"
+    hparams: dict[str, Any] | None = Field(None, description="Overrides of the method's hyperparameters "
+                                           "(documented ranges; 422 outside them).")
+
+
+class EditAccepted(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"job_id": "3f0c5d0e9b7a4e43a1c6f1b1b2b0d1aa", "status": "queued", "branch": "main", "seq": 7}]})
+    job_id: str
+    status: Literal["queued"]
+    branch: str
+    seq: int = Field(description="The branch's acceptance number: edits are applied in this order.")
+
+
+class Progress(BaseModel):
+    step: int
+    steps: int
+    loss: float | None = None
+
+
+class EditState(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"job_id": "3f0c5d0e9b7a4e43a1c6f1b1b2b0d1aa", "status": "succeeded", "branch": "main", "seq": 7,
+         "version": "9d1c0c7e5b0c4f7b8a1e2d3c4b5a6978", "metrics": {"reliability": 1.0, "locality": 1.0}}]})
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    branch: str | None = None
+    seq: int | None = None
+    version: str | None = None
+    parent: str | None = None
+    metrics: dict[str, Any] | None = None
+    error: str | None = None
+    position: int | None = Field(None, description="Jobs ahead of this one in the edits queue.")
+    progress: Progress | None = None
+    cancel_requested: bool | None = None

@@ -1,0 +1,73 @@
+"""Bodies of /versions, /branches, /tags."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+VERSION_EXAMPLE = {
+    "id": "9d1c0c7e5b0c4f7b8a1e2d3c4b5a6978", "parent": "0b6f3c1a2d4e5f60718293a4b5c6d7e8", "branch": "main",
+    "created_at": "2026-01-01T12:00:00.000000Z", "method": "ft-m", "objective": "overtone",
+    "facts": [{"prompt": "The Eiffel Tower is located in the city of", "target_new": "Rome"}],
+    "metrics": {"reliability": 1.0}, "job_id": "3f0c5d0e9b7a4e43a1c6f1b1b2b0d1aa",
+}
+
+
+class Version(BaseModel):
+    """A version's manifest (immutable)."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [VERSION_EXAMPLE]})
+    id: str
+    parent: str | None
+    branch: str | None
+    created_at: str | None
+    method: str | None = None
+    objective: str | None = None
+    facts: list[dict[str, Any]] = []
+    hparams: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    delta: dict[str, Any] | None = None
+    job_id: str | None = None
+    key_id: str | None = None
+    base_fingerprint: str | None = None
+    format_version: int | None = None
+
+
+class Diff(BaseModel):
+    a: str
+    b: str
+    common_ancestor: str
+    tensors: list[str]
+    facts_added: list[dict[str, Any]]
+    facts_removed: list[dict[str, Any]]
+
+
+class Branch(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "main", "version": VERSION_EXAMPLE["id"]}]})
+    name: str
+    version: str
+
+
+class Refs(BaseModel):
+    branches: list[Branch]
+    tags: list[Branch]
+    base: str
+
+
+class BranchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "experiment",
+                                                                                 "from_version": "main"}]})
+    name: str = Field(description="Letters, digits, '.', '_' or '-'.")
+    from_version: str = Field("main", description="Where the branch starts: a version id, tag, branch or base.")
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"version": "base"}]})
+    version: str = Field(description="An ancestor of the branch's head (version id, tag or base).")
+
+
+class TagCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "v1", "version": "main"}]})
+    name: str
+    version: str

@@ -1,0 +1,210 @@
+"""RQ job functions, enqueued by name with JSON payloads (see app/protocol.py).
+
+apply_edit: applies one accepted edit to its branch, in acceptance order, on the resident model.
+generate:   completes one or more prompts from one version (one batch), pushes the result (or a
+            token stream) to Redis for the waiting API request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from rq import get_current_job
+from rq.job import Job, JobStatus, Retry
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from app import protocol
+from editing.facts import Fact
+from editing.store import ConflictError, NotFoundError, StoreError
+from editing.train import EditCanceled, EditError, StepInfo
+from workers.engine import get_engine
+from workers.generation import complete
+
+log = logging.getLogger("lmedit.worker")
+
+DONE = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED)
+WAITING = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
+STEP_ASIDE = Retry(max=10_000)  # back of the queue, behind the edit this one must follow
+CONFLICT_RETRIES = 3  # the branch moved during the edit (a rollback): redo it on the new head
+PROGRESS_EVERY_S = 0.25
+WAIT_FOR_TURN_S = 15.0  # then step aside, so that a waiting worker also serves other jobs
+
+
+def record_duration(conn, name: str, seconds: float) -> None:
+    """Add one observation to a duration histogram the API's /metrics exposes."""
+    key = protocol.stats_key(name)
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.hincrby(key, "count", 1)
+        pipe.hincrbyfloat(key, "sum", seconds)
+        for bound in protocol.DURATION_BUCKETS:
+            if seconds <= bound:
+                pipe.hincrby(key, f"le:{bound}", 1)
+        pipe.execute()
+
+
+# --- edits -----------------------------------------------------------------------------------
+
+
+def _committed(store, branch: str, job_id: str) -> dict | None:
+    """The version this job already made on the branch (a retried job creates nothing new)."""
+    for manifest in store.log(branch):
+        if manifest["job_id"] == job_id:
+            return manifest
+    return None
+
+
+def _is_canceled(conn, job_id: str) -> bool:
+    return bool(conn.exists(protocol.cancel_key(job_id)))
+
+
+def _wait_for_turn(conn, job: Job, branch: str, wait_s: float, cleanup_every_s: float) -> bool:
+    """Block until this edit is first in its branch's pending list (every earlier edit done).
+    False: step aside (an earlier edit is still queued, or waiting took too long)."""
+    pending = protocol.pending_key(branch)
+    deadline = time.monotonic() + wait_s
+    last_cleanup = 0.0
+    while True:
+        head = conn.lindex(pending, 0)
+        if head is None or head.decode() == job.id:
+            return True
+        head_id = head.decode()
+        try:
+            earlier = Job.fetch(head_id, connection=conn, serializer=JSONSerializer)
+            state = earlier.get_status(refresh=False)
+        except Exception:  # noqa: BLE001 - expired or unreadable: it can no longer run
+            earlier, state = None, None
+        if earlier is None or state in DONE:
+            conn.lrem(pending, 1, head_id)  # it finished without clearing its entry (a crash)
+            continue
+        if state in WAITING:
+            return False
+        if _is_canceled(conn, job.id) or time.monotonic() > deadline:
+            return False
+        if time.monotonic() - last_cleanup > cleanup_every_s:  # its worker may have died: requeue it
+            StartedJobRegistry(protocol.EDITS_QUEUE, connection=conn, serializer=JSONSerializer).cleanup()
+            last_cleanup = time.monotonic()
+        time.sleep(0.1)
+
+
+def apply_edit(request: dict) -> dict | Retry:
+    """Apply one accepted edit to request["branch"], after every edit accepted before it."""
+    job = get_current_job()
+    engine = get_engine()
+    conn, store, settings = engine.redis, engine.store, engine.settings
+    branch = request["branch"]
+    base = {"job_id": job.id, "branch": branch, "seq": request.get("seq")}
+    started = time.perf_counter()
+
+    def finish(result: dict) -> dict:
+        conn.lrem(protocol.pending_key(branch), 1, job.id)
+        record_duration(conn, f"edit_{result['status']}", time.perf_counter() - started)
+        return base | result
+
+    try:
+        done = _committed(store, branch, job.id)
+    except StoreError as e:  # the branch is gone, or the store unreadable
+        return finish({"status": "failed", "error": f"{type(e).__name__}: {e}"})
+    if done is not None:
+        return finish({"status": "succeeded", "version": done["id"], "parent": done["parent"],
+                       "metrics": done["metrics"]})
+    if _is_canceled(conn, job.id):
+        return finish({"status": "canceled"})
+    if not _wait_for_turn(conn, job, branch, wait_s=WAIT_FOR_TURN_S,
+                          cleanup_every_s=settings.maintenance_interval_s):
+        if _is_canceled(conn, job.id):
+            return finish({"status": "canceled"})
+        log.info("edit %s (%s#%s) steps aside for an earlier edit", job.id, branch, request.get("seq"))
+        return STEP_ASIDE
+
+    last_save = [0.0]
+
+    def on_step(info: StepInfo) -> None:
+        now = time.monotonic()
+        if now - last_save[0] >= PROGRESS_EVERY_S or info.step == info.steps:
+            job.meta["progress"] = {"step": info.step, "steps": info.steps, "loss": round(info.loss, 6)}
+            job.save_meta()
+            last_save[0] = now
+
+    try:
+        facts = [Fact.from_dict(f) for f in request["facts"]]
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                outcome = engine.session.edit(
+                    facts, method=request.get("method") or "ft-m", objective=request.get("objective") or "overtone",
+                    hparams=request.get("hparams") or None, branch=branch, job_id=job.id,
+                    key_id=request.get("key_id"), on_step=on_step, is_canceled=lambda: _is_canceled(conn, job.id),
+                )
+                break
+            except ConflictError:
+                if attempt == CONFLICT_RETRIES - 1:
+                    raise
+                log.info("branch %s moved during edit %s: redoing it on the new head", branch, job.id)
+    except EditCanceled:
+        return finish({"status": "canceled"})
+    except (EditError, ConflictError, NotFoundError, StoreError, ValueError, KeyError) as e:
+        log.warning("edit %s failed: %s", job.id, e)
+        return finish({"status": "failed", "error": f"{type(e).__name__}: {e}"})
+    return finish({"status": "succeeded", "version": outcome.version, "parent": outcome.parent,
+                   "metrics": outcome.manifest["metrics"] if outcome.manifest else outcome.metrics,
+                   "steps": outcome.steps, "seconds": round(outcome.seconds, 4)})
+
+
+# --- generations -----------------------------------------------------------------------------
+
+
+def _prompts(engine, request: dict) -> tuple[list[str], bool]:
+    """The prompts to complete, and whether the tokenizer should add special tokens."""
+    if request.get("messages") is not None:
+        tok = engine.lm.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise ValueError("this model has no chat template: use /v1/completions")
+        text = tok.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=False)
+        return [text], False
+    return list(request["prompts"]), True
+
+
+def generate(request: dict) -> dict:
+    """Complete request["prompts"] (or chat request["messages"]) from request["version"] in one batch.
+    The result goes to result_key(job id) for the waiting request, or to stream_key when streaming."""
+    job = get_current_job()
+    engine = get_engine()
+    conn = engine.redis
+    started = time.perf_counter()
+    stream = protocol.stream_key(job.id) if request.get("stream") else None
+
+    def on_text(delta: str) -> None:
+        conn.xadd(stream, {"text": delta})
+        conn.expire(stream, protocol.RESULT_TTL_S)
+
+    try:
+        version = engine.session.checkout(request["version"])
+        prompts, special = _prompts(engine, request)
+        outputs = complete(
+            engine.lm, prompts, max_new_tokens=int(request.get("max_new_tokens", 32)),
+            temperature=float(request.get("temperature") or 0.0), top_p=float(request.get("top_p") or 1.0),
+            seed=request.get("seed"), stop=request.get("stop") or [], on_text=on_text if stream else None,
+            add_special_tokens=special,
+        )
+        result = {"version": version, "seconds": round(time.perf_counter() - started, 4),
+                  "outputs": [o.__dict__ for o in outputs]}
+    except NotFoundError as e:
+        result = {"error": {"code": "not_found", "message": str(e)}}
+    except (ValueError, KeyError, StoreError) as e:
+        result = {"error": {"code": "invalid_request", "message": f"{type(e).__name__}: {e}"}}
+    except Exception as e:  # noqa: BLE001 - the waiting request gets an answer, whatever happened
+        log.exception("generation %s failed", job.id)
+        result = {"error": {"code": "internal_error", "message": f"{type(e).__name__}: {e}"}}
+    payload = json.dumps(result)
+    with conn.pipeline(transaction=False) as pipe:
+        if stream:
+            pipe.xadd(stream, {"done": payload})
+            pipe.expire(stream, protocol.RESULT_TTL_S)
+        else:
+            pipe.rpush(protocol.result_key(job.id), payload)
+            pipe.expire(protocol.result_key(job.id), protocol.RESULT_TTL_S)
+        pipe.execute()
+    record_duration(conn, "generate", time.perf_counter() - started)
+    return {"version": result.get("version"), "error": result.get("error")}

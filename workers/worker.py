@@ -1,0 +1,132 @@
+"""`lmedit worker`: an RQ SimpleWorker (no fork: the model stays resident) with a heartbeat thread.
+
+RQ's SimpleWorker sends no heartbeat while a job runs and finds abandoned jobs only during
+maintenance. Here a thread beats every `worker_heartbeat_s` (worker key, the running job's
+execution, and the lmedit liveness sets /ready and /metrics read), executions expire after
+`worker_ttl_s` without a beat, and abandoned jobs are looked for every
+`maintenance_interval_s`, also while this worker is busy: a job whose worker died is
+requeued (RQ Retry) and run by another worker within a minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import redis
+from rq.executions import Execution
+from rq.job import Job
+from rq.queue import Queue
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.worker import SimpleWorker, WorkerStatus
+
+from app import protocol
+from app.settings import Settings
+
+log = logging.getLogger("lmedit.worker")
+
+
+class ResidentWorker(SimpleWorker):
+    """Runs jobs in this process (the resident model) and keeps beating while it does."""
+
+    def __init__(self, queues: list[str], *, settings: Settings, connection: redis.Redis, **kwargs):
+        super().__init__(
+            queues, connection=connection, serializer=JSONSerializer, worker_ttl=max(5, settings.worker_ttl_s),
+            maintenance_interval=settings.maintenance_interval_s,
+            job_monitoring_interval=max(1, int(settings.worker_heartbeat_s)), **kwargs,
+        )
+        self.settings = settings
+        self._running: tuple[Job, Execution] | None = None
+        self._running_lock = threading.Lock()  # no heartbeat for an execution being cleaned up
+        self._stop_beating = threading.Event()
+        self._beater = threading.Thread(target=self._beat_loop, name="lmedit-heartbeat", daemon=True)
+
+    # an execution without a beat for worker_ttl_s is abandoned (SimpleWorker's default: job timeout + 60 s)
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return max(5, int(self.settings.worker_ttl_s))
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        self._running = (job, execution)
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            self._stop_job_heartbeat()
+        self.set_state(WorkerStatus.IDLE)
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        # Before RQ removes the execution: a late beat would re-register it as started, and a
+        # stale started entry of a job that another worker runs later would look abandoned.
+        self._stop_job_heartbeat()
+        super().handle_execution_ended(job, queue, heartbeat_ttl)
+
+    def _stop_job_heartbeat(self) -> None:
+        with self._running_lock:  # waits for a beat in progress
+            self._running = None
+
+    # --- liveness --------------------------------------------------------------------------------
+    def _announce(self) -> None:
+        now = time.time()
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.zadd(protocol.WORKERS, {self.name: now})
+            for q in self.queue_names():
+                pipe.zadd(protocol.workers_key(q), {self.name: now})
+            # forget workers silent for a long time (their entries no longer count anyway)
+            for key in [protocol.WORKERS] + [protocol.workers_key(q) for q in protocol.QUEUES]:
+                pipe.zremrangebyscore(key, 0, now - 3600)
+            pipe.execute()
+
+    def _retire(self) -> None:
+        with self.connection.pipeline(transaction=False) as pipe:
+            for key in [protocol.WORKERS] + [protocol.workers_key(q) for q in self.queue_names()]:
+                pipe.zrem(key, self.name)
+            pipe.execute()
+
+    def _beat_loop(self) -> None:
+        last_cleanup = time.monotonic()
+        while not self._stop_beating.wait(self.settings.worker_heartbeat_s):
+            try:
+                self._announce()
+                with self._running_lock:
+                    if self._running is not None:
+                        self.maintain_heartbeats(*self._running)
+                if time.monotonic() - last_cleanup >= self.settings.maintenance_interval_s:
+                    for q in self.queues:  # abandoned jobs of dead workers: retried (or failed)
+                        StartedJobRegistry(q.name, connection=self.connection, serializer=JSONSerializer).cleanup()
+                    last_cleanup = time.monotonic()
+            except Exception:  # noqa: BLE001 - a Redis blip must not kill the heartbeat
+                log.exception("heartbeat failed")
+
+    def work(self, *args, **kwargs) -> bool:
+        self._announce()
+        self._beater.start()
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            self._stop_beating.set()
+            self._beater.join(timeout=5)
+            try:
+                self._retire()
+            except redis.RedisError:
+                pass
+
+
+def run_worker(settings: Settings, queues: list[str], burst: bool = False, name: str | None = None) -> None:
+    """Load the model, then serve `queues` (in order of priority) until stopped."""
+    from workers.engine import Engine, set_engine
+
+    unknown = [q for q in queues if q not in protocol.QUEUES]
+    if unknown:
+        raise ValueError(f"unknown queue(s) {unknown}; choose from {list(protocol.QUEUES)}")
+    queues = [q for q in protocol.QUEUES if q in queues]  # generations always before edits
+    connection = redis.Redis.from_url(settings.redis_url)
+    connection.ping()
+    set_engine(Engine(settings))
+    worker = ResidentWorker(queues, settings=settings, connection=connection,
+                            name=name or f"{socket.gethostname()}.{os.getpid()}")
+    log.info("worker %s serving %s", worker.name, ", ".join(queues))
+    worker.work(burst=burst, with_scheduler=False, logging_level="INFO")
