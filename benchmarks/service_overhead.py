@@ -6,7 +6,7 @@ model, the uvicorn API) and measures:
 - api_start: seconds from spawning `lmedit api` to its first /health 200 (goal: < 2 s);
 - latency: N requests each way, interleaved (HTTP, in-process, HTTP, ...) so that load from
   anything else on the machine hits both alike; p50 and p99, and the p50 overhead
-  (goal: <= 10%). In-process runs `workers.generation.complete`, the function the worker runs,
+  (goal: <= 10%). In-process runs `editing.generate.complete`, the function the worker runs,
   on a model loaded here with the same thread count;
 - throughput: 8 concurrent HTTP clients for a fixed number of requests (one worker serves them
   one at a time: the throughput of one worker, plus what the service adds).
@@ -71,8 +71,8 @@ def main() -> None:
 
     import torch
 
+    from editing.generate import complete
     from editing.model import load_model
-    from workers.generation import complete
 
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="lmedit-bench-"))

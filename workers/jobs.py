@@ -18,10 +18,10 @@ from rq.serializers import JSONSerializer
 
 from app import protocol
 from editing.facts import Fact
+from editing.generate import complete
 from editing.store import ConflictError, NotFoundError, StoreError
 from editing.train import EditCanceled, EditError, StepInfo
 from workers.engine import get_engine
-from workers.generation import complete
 
 log = logging.getLogger("lmedit.worker")
 
