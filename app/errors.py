@@ -114,7 +114,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CorruptObjectError)
     async def store_corrupt(request: Request, exc: CorruptObjectError) -> JSONResponse:
         log.error("store corruption: %s", exc)
-        return error_response(500, "store_corrupt", f"{exc} (run `lmedit store fsck`)")
+        return error_response(503, "store_corrupt", f"{exc} (run `lmedit store fsck`)")
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, exc: StoreError) -> JSONResponse:

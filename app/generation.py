@@ -37,6 +37,10 @@ def _raise_worker_error(error: dict) -> None:
     cls = {"not_found": NotFound, "invalid_request": InvalidRequest}.get(error.get("code"), None)
     if cls is not None:
         raise cls(error.get("message", ""))
+    if error.get("code") == "store_corrupt":  # a version whose delta fails its checksum (see `lmedit store fsck`)
+        exc = ApiError(error.get("message", "store corruption"))
+        exc.status, exc.code = 503, "store_corrupt"
+        raise exc
     exc = ApiError(error.get("message", "generation failed"))
     exc.status, exc.code = 500, error.get("code", "internal_error")
     raise exc

@@ -54,8 +54,16 @@ class Stack:
 
     def crash_and_restart_redis(self) -> None:
         """SIGKILL valkey-server (no shutdown, no final fsync) and start it again on the same data."""
+        self.crash_redis()
+        self.start_redis()
+
+    def crash_redis(self) -> None:
+        """SIGKILL valkey-server: no shutdown, no final fsync."""
         self.valkey.kill()
         self.valkey.wait(10)
+
+    def start_redis(self) -> None:
+        """Start valkey-server again on the same port and data."""
         self.valkey = start_valkey(self.redis_port, self.root / "redis", self.root / "valkey.log")
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:

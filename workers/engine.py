@@ -32,7 +32,34 @@ class Engine:
         self.session = EditSession(self.lm, settings.store)  # creates the store on first use
         self.store = self.session.store
         self.redis = redis.Redis.from_url(settings.redis_url)
+        if os.environ.get("LMEDIT_TEST_FORCE_NAN"):
+            _install_force_nan_hook(self.session, os.environ["LMEDIT_TEST_FORCE_NAN"])
         log.info("model %s loaded (%s threads); store %s", settings.model, torch.get_num_threads(), settings.store)
+
+
+def _install_force_nan_hook(session: EditSession, marker: str) -> None:
+    """TEST HOOK, only installed when LMEDIT_TEST_FORCE_NAN is set in the worker's environment (the
+    reliability tests set it; nothing else does): an edit with a fact whose target_new equals the variable's
+    value trains on a NaN loss (editing.train.objective_loss is wrapped), as a diverging edit would."""
+    import editing.train as train
+
+    real_loss, real_edit = train.objective_loss, session.edit
+    active = [False]
+
+    def objective_loss(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return (loss * float("nan") if active[0] else loss), stats
+
+    def edit(facts, *args, **kwargs):
+        active[0] = any(getattr(f, "target_new", None) == marker for f in facts)
+        try:
+            return real_edit(facts, *args, **kwargs)
+        finally:
+            active[0] = False
+
+    train.objective_loss = objective_loss
+    session.edit = edit
+    log.warning("TEST HOOK LMEDIT_TEST_FORCE_NAN is set: edits to %r train on a NaN loss", marker)
 
 
 _engine: Engine | None = None

@@ -19,7 +19,7 @@ from rq.serializers import JSONSerializer
 from app import protocol
 from editing.facts import Fact
 from editing.generate import complete
-from editing.store import ConflictError, NotFoundError, StoreError
+from editing.store import ConflictError, CorruptObjectError, NotFoundError, StoreError
 from editing.train import EditCanceled, EditError, StepInfo
 from workers.engine import get_engine
 
@@ -30,6 +30,7 @@ WAITING = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
 STEP_ASIDE = Retry(max=10_000)  # back of the queue, behind the edit this one must follow
 CONFLICT_RETRIES = 3  # the branch moved during the edit (a rollback): redo it on the new head
 PROGRESS_EVERY_S = 0.25
+GREEDY_BELOW = 1e-6  # temperatures this small decode greedily (see _temperature)
 WAIT_FOR_TURN_S = 15.0  # then step aside, so that a waiting worker also serves other jobs
 
 
@@ -166,6 +167,13 @@ def _prompts(engine, request: dict) -> tuple[list[str], bool]:
     return list(request["prompts"]), True
 
 
+def _temperature(value) -> float:
+    """Sampling temperature; below GREEDY_BELOW, logits / T overflow to inf (NaN probabilities) and sampling
+    is greedy in the limit anyway: such temperatures decode greedily."""
+    t = float(value or 0.0)
+    return 0.0 if t < GREEDY_BELOW else t
+
+
 def generate(request: dict) -> dict:
     """Complete request["prompts"] (or chat request["messages"]) from request["version"] in one batch.
     The result goes to result_key(job id) for the waiting request, or to stream_key when streaming."""
@@ -184,7 +192,7 @@ def generate(request: dict) -> dict:
         prompts, special = _prompts(engine, request)
         outputs = complete(
             engine.lm, prompts, max_new_tokens=int(request.get("max_new_tokens", 32)),
-            temperature=float(request.get("temperature") or 0.0), top_p=float(request.get("top_p") or 1.0),
+            temperature=_temperature(request.get("temperature")), top_p=float(request.get("top_p") or 1.0),
             seed=request.get("seed"), stop=request.get("stop") or [], on_text=on_text if stream else None,
             add_special_tokens=special,
         )
@@ -192,6 +200,9 @@ def generate(request: dict) -> dict:
                   "outputs": [o.__dict__ for o in outputs]}
     except NotFoundError as e:
         result = {"error": {"code": "not_found", "message": str(e)}}
+    except CorruptObjectError as e:  # the store's fault, not the request's: say so, and how to find out more
+        log.error("generation %s: %s", job.id, e)
+        result = {"error": {"code": "store_corrupt", "message": f"{e} (run `lmedit store fsck`)"}}
     except (ValueError, KeyError, StoreError) as e:
         result = {"error": {"code": "invalid_request", "message": f"{type(e).__name__}: {e}"}}
     except Exception as e:  # noqa: BLE001 - the waiting request gets an answer, whatever happened

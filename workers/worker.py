@@ -54,9 +54,26 @@ class ResidentWorker(SimpleWorker):
         self._running = (job, execution)
         try:
             self.perform_job(job, queue, execution)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Redis went away during the job or while RQ recorded its outcome: keep this process (and its
+            # resident model) alive instead of exiting. The job stays in the started registry; without beats
+            # its execution expires and it is retried (an edit already committed makes nothing new).
+            log.exception("lost Redis while running job %s: it will be retried", job.id)
+            self._wait_for_redis()  # RQ's loop quits on a Redis error anywhere but in its dequeue
         finally:
             self._stop_job_heartbeat()
         self.set_state(WorkerStatus.IDLE)
+
+    def _wait_for_redis(self) -> None:
+        delay = 0.5
+        while not self._stop_requested:
+            try:
+                self.connection.ping()
+                log.info("Redis is back")
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(delay)
+                delay = min(5.0, delay * 2)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         # Before RQ removes the execution: a late beat would re-register it as started, and a

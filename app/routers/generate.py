@@ -12,7 +12,8 @@ from app.schemas.generate import GenerateRequest, GenerateResponse
 
 router = APIRouter(prefix="/generate", tags=["generate"])
 ERRORS = {404: {"description": "unknown version"}, 413: {"description": "prompt too long"},
-          429: {"description": "queue full"}, 503: {"description": "no worker"}, 504: {"description": "timeout"}}
+          429: {"description": "queue full"}, 503: {"description": "no worker, or the version's delta is corrupt"},
+          504: {"description": "timeout"}}
 
 
 async def _generate(services, body: GenerateRequest) -> dict:

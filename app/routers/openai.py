@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from app import generation
 from app.deps import ReadKey, ServicesDep
 from app.errors import InvalidRequest
+from app.routers.generate import ERRORS
 from app.schemas.openai import ChatRequest, CompletionRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -60,9 +61,11 @@ def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.post("/completions", summary="OpenAI-compatible completion")
+@router.post("/completions", responses=ERRORS, summary="OpenAI-compatible completion")
 async def completions(body: CompletionRequest, services: ServicesDep, principal: ReadKey):
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    if not prompts or not all(prompts):  # nothing to complete from (a 500 in the worker before)
+        raise InvalidRequest("prompt must be a non-empty string or a non-empty list of them")
     max_tokens = body.max_tokens or 16
     generation.check_prompts(services, prompts, max_tokens)
     request = {"prompts": prompts, "version": body.model, "max_new_tokens": max_tokens,
@@ -87,7 +90,8 @@ async def completions(body: CompletionRequest, services: ServicesDep, principal:
             "system_fingerprint": result["version"], "choices": choices, "usage": _usage(result["outputs"])}
 
 
-@router.post("/chat/completions", summary="OpenAI-compatible chat completion (the model's chat template)")
+@router.post("/chat/completions", responses=ERRORS,
+             summary="OpenAI-compatible chat completion (the model's chat template)")
 async def chat_completions(body: ChatRequest, services: ServicesDep, principal: ReadKey):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     max_tokens = body.max_completion_tokens or body.max_tokens or 256

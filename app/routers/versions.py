@@ -13,7 +13,7 @@ router = APIRouter(tags=["versions"])
 NOT_FOUND = {404: {"description": "unknown version, tag or branch"}}
 
 
-@router.get("/versions", response_model=list[Version], summary="Version history")
+@router.get("/versions", response_model=list[Version], responses=NOT_FOUND, summary="Version history")
 def list_versions(
     store: StoreDep, principal: ReadKey,
     branch: Annotated[str | None, Query(description="Only this branch's history (head first).")] = None,

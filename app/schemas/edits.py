@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from editing.hparams import METHODS, OBJECTIVES
 
@@ -29,6 +29,13 @@ class FactIn(BaseModel):
     rephrase_prompts: list[str] = Field(default_factory=list, max_length=32)
     locality_prompts: list[ProbeIn | str] = Field(default_factory=list, max_length=32)
     portability: list[ProbeIn | str] = Field(default_factory=list, max_length=32)
+
+    @field_validator("prompt", "target_new")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty or only whitespace")
+        return value
 
     def texts(self) -> list[str]:
         probes = [p if isinstance(p, str) else p.prompt for p in self.locality_prompts + self.portability]
