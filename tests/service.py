@@ -66,13 +66,13 @@ class Stack:
         """Start valkey-server again on the same port and data."""
         self.valkey = start_valkey(self.redis_port, self.root / "redis", self.root / "valkey.log")
 
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+    def _spawn(self, args: list[str], log_name: str, env: dict | None = None) -> subprocess.Popen:
         log = open(self.root / log_name, "ab")  # noqa: SIM115 - the child writes it
-        return subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT, env=self.env | (env or {}),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def start_worker(self, queues: str = "generate,edits") -> subprocess.Popen:
-        proc = self._spawn(["worker", "--queues", queues], f"worker-{len(self.workers)}.log")
+    def start_worker(self, queues: str = "generate,edits", env: dict | None = None) -> subprocess.Popen:
+        proc = self._spawn(["worker", "--queues", queues], f"worker-{len(self.workers)}.log", env)
         self.workers.append(proc)
         return proc
 

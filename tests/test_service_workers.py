@@ -62,3 +62,31 @@ def test_a_dead_workers_edit_is_retried_by_another_and_commits_once(stack):
         assert int(job.worker_name.rsplit(".", 1)[1]) != pid
         made = [m for m in client.get("/versions").json() if m["job_id"] == accepted["job_id"]]
         assert len(made) == 1 and made[0]["id"] == state["version"]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_during_the_store_commit_leaves_one_version_and_no_orphan_ref(tmp_path):
+    """The worker dies after writing the blob and manifest, before the branch moves; a healthy worker
+    retries the job: exactly one version, a linear history, every ref on a complete version."""
+    from editing.store import VersionStore
+
+    s = Stack(tmp_path, str(save_tiny(tiny_llama(), tmp_path / "tiny-llama")))
+    try:
+        dying = s.start_worker(env={"LMEDIT_TEST_KILL_IN_COMMIT": "1"})
+        s.start_api()
+        s.wait_ready(workers=1)
+        with httpx.Client(base_url=s.url, timeout=60) as client:
+            accepted = client.post("/edits", json={"hparams": TINY_HPARAMS, "facts": [
+                {"prompt": "The Eiffel Tower is in", "target_new": "Rome"}]}).json()
+            dying.wait(timeout=90)
+            assert dying.returncode == -signal.SIGKILL
+            s.start_worker()
+            state = poll_edit(client, accepted["job_id"], until=("succeeded", "failed"), timeout=120, stack=s)
+            assert state["status"] == "succeeded", state
+            history = client.get("/versions", params={"branch": "main"}).json()
+        assert [m["job_id"] for m in history] == [accepted["job_id"], None]  # newest first, then base
+        assert history[0]["parent"] == history[1]["id"] and history[0]["id"] == state["version"]
+        report = VersionStore.open(str(s.store)).fsck()
+        assert report.ok, report.to_dict()
+    finally:
+        s.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 import redis
 import torch
@@ -34,6 +35,8 @@ class Engine:
         self.redis = redis.Redis.from_url(settings.redis_url)
         if os.environ.get("LMEDIT_TEST_FORCE_NAN"):
             _install_force_nan_hook(self.session, os.environ["LMEDIT_TEST_FORCE_NAN"])
+        if os.environ.get("LMEDIT_TEST_KILL_IN_COMMIT"):
+            _install_kill_in_commit_hook(self.store)
         log.info("model %s loaded (%s threads); store %s", settings.model, torch.get_num_threads(), settings.store)
 
 
@@ -60,6 +63,21 @@ def _install_force_nan_hook(session: EditSession, marker: str) -> None:
     train.objective_loss = objective_loss
     session.edit = edit
     log.warning("TEST HOOK LMEDIT_TEST_FORCE_NAN is set: edits to %r train on a NaN loss", marker)
+
+
+def _install_kill_in_commit_hook(store) -> None:
+    """TEST HOOK, only installed when LMEDIT_TEST_KILL_IN_COMMIT is set in the worker's environment (a
+    reliability test sets it): the worker SIGKILLs itself in the middle of a commit, after the delta blob
+    and the manifest are written and before the branch ref moves, as a crash there would."""
+    real_move_ref = store._move_ref
+
+    def move_ref(kind, name, old, new, action):
+        if action == "commit":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_move_ref(kind, name, old, new, action)
+
+    store._move_ref = move_ref
+    log.warning("TEST HOOK LMEDIT_TEST_KILL_IN_COMMIT is set: this worker dies in its first commit")
 
 
 _engine: Engine | None = None
