@@ -29,18 +29,14 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def _load(model: str | None, threads: int | None = None):
-    """Load the model with a spinner (the first load of a GGUF dequantizes it: ~15 s)."""
-    import torch
-
+    """Load the model with a spinner (the first load of a GGUF dequantizes it: ~30 s)."""
     from editing.model import load_model
 
     settings = get_settings()
-    threads = threads or settings.threads
-    if threads:
-        torch.set_num_threads(threads)
     with console.status(f"loading {model or settings.model} …"):
         try:
-            return load_model(model or settings.model, device=settings.device, cache_dir=settings.cache_dir)
+            return load_model(model or settings.model, device=settings.device, cache_dir=settings.cache_dir,
+                              threads=threads or settings.threads)
         except (FileNotFoundError, ValueError) as e:
             fail(str(e))
 

@@ -131,9 +131,14 @@ def load_model(
     device: str | torch.device | None = None,
     cache_dir: Path | None = None,
     dtype: torch.dtype = torch.float32,
+    threads: int | None = None,
 ) -> LoadedModel:
-    """Load a model and tokenizer for editing. `source`: None/"smollm2", a GGUF file or an HF folder."""
+    """Load a model and tokenizer for editing. `source`: None/"smollm2", a GGUF file or an HF folder.
+    `threads`: torch's intra-op threads for this process (default: torch's choice)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
 
     folder = resolve_source(source, cache_dir)
     device = torch.device(device) if device else default_device()
