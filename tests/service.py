@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -139,3 +141,20 @@ def poll_edit(client: httpx.Client, job_id: str, until=("succeeded", "failed", "
 
     wait_for(done, timeout, f"edit {job_id} to reach {until} (last: {state})", stack)
     return state
+
+
+@contextmanager
+def tiny_stack(root: Path, workers: tuple[str, ...] = ("generate,edits",), env: dict | None = None) -> Iterator[Stack]:
+    """A running stack on a tiny llama saved under `root`: one worker per entry of `workers` (its
+    queues), the API, ready; everything stopped on exit."""
+    from tests.tiny import save_tiny, tiny_llama
+
+    s = Stack(root, str(save_tiny(tiny_llama(), root / "tiny-llama")), env=env)
+    try:
+        for queues in workers:
+            s.start_worker(queues=queues)
+        s.start_api()
+        s.wait_ready(workers=len(workers))
+        yield s
+    finally:
+        s.close()

@@ -21,9 +21,8 @@ import httpx
 import pytest
 import redis
 
-from tests.service import ROOT, SLOW_HPARAMS, Stack, poll_edit, slow_facts, wait_for
+from tests.service import ROOT, SLOW_HPARAMS, poll_edit, slow_facts, tiny_stack, wait_for
 from tests.test_service_auth import cli
-from tests.tiny import save_tiny, tiny_llama
 
 NAN_TARGET = "Divergence"  # the worker's test hook trains edits to this target on a NaN loss
 FAST_HPARAMS = {"layers": [0], "positions": "all", "lr": 0.05, "steps": 2, "stop": "none"}
@@ -35,16 +34,8 @@ PROMPT = "The Eiffel Tower is in"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    model = save_tiny(tiny_llama(), root / "tiny-llama")
-    s = Stack(root, str(model), env=LIMITS)
-    try:
-        s.start_worker()
-        s.start_worker()
-        s.start_api()
-        s.wait_ready(workers=2)
+    with tiny_stack(root, workers=("generate,edits", "generate,edits"), env=LIMITS) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.service import Stack
-from tests.tiny import save_tiny, tiny_llama
+from tests.service import tiny_stack
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402  (schemathesis brings hypothesis)
@@ -26,16 +25,8 @@ LIMITS = {"LMEDIT_MAX_NEW_TOKENS": "16", "LMEDIT_MAX_QUEUE_DEPTH": "8", "LMEDIT_
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability-schema")
-    model = save_tiny(tiny_llama(), root / "tiny-llama")
-    s = Stack(root, str(model), env=LIMITS)
-    try:
-        s.start_worker(queues="generate")
-        s.start_api()
-        s.wait_ready()
+    with tiny_stack(tmp_path_factory.mktemp("reliability-schema"), workers=("generate",), env=LIMITS) as s:
         yield s
-    finally:
-        s.close()
 
 
 DOCUMENTED_5XX = {503, 504}

@@ -15,8 +15,7 @@ import pytest
 import redis
 from rq.job import Job
 
-from tests.service import SLOW_HPARAMS, TINY_HPARAMS, Stack, poll_edit, slow_facts, wait_for
-from tests.tiny import save_tiny, tiny_llama
+from tests.service import SLOW_HPARAMS, TINY_HPARAMS, poll_edit, slow_facts, tiny_stack, wait_for
 
 PROMPT = "The Eiffel Tower is in"
 FACT = {"prompt": PROMPT, "target_new": "Rome", "subject": "Eiffel Tower",
@@ -28,16 +27,8 @@ LIMITS = {"LMEDIT_MAX_FACTS": "40", "LMEDIT_MAX_PROMPT_CHARS": "300", "LMEDIT_MA
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    root = tmp_path_factory.mktemp("service")
-    model = save_tiny(tiny_llama(), root / "tiny-llama")
-    s = Stack(root, str(model), env=LIMITS)
-    try:
-        s.start_worker()
-        s.start_api()
-        s.wait_ready()
+    with tiny_stack(tmp_path_factory.mktemp("service"), workers=("generate,edits",), env=LIMITS) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture

@@ -12,23 +12,14 @@ import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from tests.service import SLOW_HPARAMS, TINY_HPARAMS, Stack, poll_edit, slow_facts
+from tests.service import SLOW_HPARAMS, TINY_HPARAMS, Stack, poll_edit, slow_facts, tiny_stack
 from tests.tiny import save_tiny, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    root = tmp_path_factory.mktemp("service-workers")
-    model = save_tiny(tiny_llama(), root / "tiny-llama")
-    s = Stack(root, str(model))
-    try:
-        s.start_worker()
-        s.start_worker()
-        s.start_api()
-        s.wait_ready(workers=2)
+    with tiny_stack(tmp_path_factory.mktemp("service-workers"), workers=("generate,edits", "generate,edits")) as s:
         yield s
-    finally:
-        s.close()
 
 
 def test_edits_on_a_branch_apply_in_acceptance_order(stack):
