@@ -52,10 +52,6 @@ class Delta:
             return self.dense[name].float()
         return self.lora[name].dense()
 
-    def nbytes(self) -> int:
-        tensors, _ = self.to_tensors()
-        return sum(t.numel() * t.element_size() for t in tensors.values())
-
     def to(self, device: torch.device | str) -> Delta:
         return Delta(
             dense={k: v.to(device) for k, v in self.dense.items()},
