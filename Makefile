@@ -32,10 +32,17 @@ test-fast: install
 test-slow: install
 	$(PY) -m pytest -q -ra -m slow --run-slow
 
+# benchmarks/results/REPORT.md: quick sizes; FULL=1 make bench for the full ones. Resumable:
+# every script caches per-record results, so an interrupted run continues where it stopped.
 bench: install
+	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/hto.py
+	$(PY) benchmarks/sequential.py
+	$(PY) benchmarks/batch.py
+	$(PY) benchmarks/costs.py
+	$(PY) benchmarks/service.py
 	$(PY) benchmarks/overtone_overhead.py
-	$(PY) benchmarks/checkout.py
-	$(PY) benchmarks/service_overhead.py
+	$(PY) benchmarks/report.py
 
 lint: install
 	$(VENV)/bin/ruff check .

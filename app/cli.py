@@ -65,6 +65,27 @@ def _metrics_table(title: str, row: dict, keys) -> Table:
     return table
 
 
+def _cached_results(path: Path | None, config: dict) -> dict:
+    """Records of an earlier run in `path` (JSON lines), by case id; they must share `config`."""
+    from editing.evaluate import CaseResult
+
+    done: dict = {}
+    if path is None or not path.exists():
+        return done
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interrupt: that record runs again
+        if row.get("config") != config:
+            fail(f"{path}:{n} was written with other settings ({row.get('config')}); "
+                 "use another --out or drop --resume")
+        done[row["id"]] = CaseResult(row["id"], row["metrics"], row["seconds"], row["steps"])
+    return done
+
+
 @app.command()
 def edit(
     facts_file: Path | None = typer.Argument(None, help="A JSON file of facts (edited together)"),
@@ -73,7 +94,7 @@ def edit(
     subject: str | None = typer.Option(None, "--subject", "-s", help="The fact's subject, as in the prompt"),
     rephrase: list[str] = typer.Option([], "--rephrase", help="A rephrased prompt to measure (repeatable)"),
     locality: list[str] = typer.Option([], "--locality", help="An unrelated prompt to keep (repeatable)"),
-    method: str = typer.Option("ft-m", help="ft-m | ft-l | lora"),
+    method: str = typer.Option("ft-m", help="ft-m | ft-l | lora | ft-k"),
     objective: str = typer.Option("overtone", help="overtone | ce"),
     hparams: str | None = typer.Option(None, help="JSON object of hyperparameters (see docs)"),
     store: str | None = typer.Option(None, help=STORE_HELP),
@@ -163,9 +184,12 @@ def evaluate_cmd(
     threads: int | None = typer.Option(None, help="torch threads"),
     model: str | None = typer.Option(None, help=MODEL_HELP),
     out: Path | None = typer.Option(None, help="Also write per-record results (JSON lines) here"),
+    resume: bool = typer.Option(False, "--resume", help="Reuse the records already in --out (same settings)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Single-edit protocol: edit each record on the unedited weights, measure, average."""
+    """Single-edit protocol: edit each record on the unedited weights, measure, average.
+
+    The summary has each metric's mean and 95% bootstrap interval (`<metric>_ci`)."""
     from dataclasses import asdict
 
     from rich.progress import Progress
@@ -181,20 +205,27 @@ def evaluate_cmd(
         fail(f"{data}: {e}")
     if not cases:
         fail(f"{data}: no records at offset {offset}")
-    lm = _load(model, threads)
-    results = []
+    config = {"method": method, "objective": objective, "hparams": _hparams(hparams),
+              "fluency_tokens": fluency_tokens, "model": model or get_settings().model}
+    if resume and not out:
+        fail("--resume needs --out (the per-record file to continue)")
+    done = _cached_results(out, config) if resume else {}
+    todo = [c for c in cases if c.id not in done]
+    lm = _load(model, threads) if todo else None
     started = time.perf_counter()
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"{method} + {objective}", total=len(cases))
-        for case in cases:
+        task = progress.add_task(f"{method} + {objective}", total=len(cases), completed=len(cases) - len(todo))
+        for case in todo:
             r = evaluate_case(lm, case, method, objective, _hparams(hparams), fluency_tokens)
-            results.append(r)
+            done[case.id] = r
             if out:
-                with out.open("a") as f:
-                    f.write(json.dumps(asdict(r)) + "\n")
+                with out.open("a") as f:  # one line per record as it finishes: an interrupted run resumes
+                    f.write(json.dumps({**asdict(r), "config": config}) + "\n")
             progress.advance(task)
+    results = [done[c.id] for c in cases]
     summary = summarize(results)
     summary.update(method=method, objective=objective, offset=offset, data=str(data),
+                   hparams=config["hparams"], fluency_tokens=fluency_tokens, reused=len(cases) - len(todo),
                    wall_seconds=time.perf_counter() - started)
     if as_json:
         print(json.dumps(summary))

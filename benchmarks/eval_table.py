@@ -6,23 +6,16 @@
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import cpu_model  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "eval"
 COLUMNS = ["reliability", "generalization", "locality", "seconds_per_edit", "steps"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(paths: list[str]) -> None:
@@ -36,8 +29,8 @@ def main(paths: list[str]) -> None:
     for r in rows:
         cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else "—" for c in COLUMNS]
         print(f"| {r['method']} | {r['objective']} | {r['n']} | {' | '.join(cells)} |")
-    print(f"\ncommit {commit}, {cpu_name()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()}"
-          " cores, torch 1 thread")
+    cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    print(f"\ncommit {commit}, {cpu_model()}, {cores} cores, torch 1 thread")
 
 
 if __name__ == "__main__":

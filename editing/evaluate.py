@@ -7,6 +7,7 @@ cache them, bootstrap intervals or average.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -52,12 +53,26 @@ def evaluate(
     return results
 
 
+def bootstrap_ci(values: list[float], reps: int = 2000, level: float = 0.95, seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap interval of the mean (cases resampled with replacement)."""
+    if len(values) < 2:
+        return None
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(reps))
+    lo = means[int((1 - level) / 2 * reps)]
+    hi = means[min(reps - 1, int((1 + level) / 2 * reps))]
+    return [lo, hi]
+
+
 def summarize(results: list[CaseResult]) -> dict:
-    """Mean of each metric over the cases that have it, plus n, seconds per edit and steps."""
+    """Mean of each metric over the cases that have it, its 95% bootstrap interval (`<metric>_ci`),
+    plus n, seconds per edit and steps."""
     out: dict = {"n": len(results)}
     for k in metrics.METRICS:
         values = [r.metrics[k] for r in results if r.metrics.get(k) is not None]
         out[k] = sum(values) / len(values) if values else None
+        out[f"{k}_ci"] = bootstrap_ci(values)
     out["seconds_per_edit"] = sum(r.seconds for r in results) / max(1, len(results))
     out["steps"] = sum(r.steps for r in results) / max(1, len(results))
     return out

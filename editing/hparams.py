@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-METHODS = ("ft-l", "ft-m", "lora")
+METHODS = ("ft-l", "ft-m", "lora", "ft-k")
 OBJECTIVES = ("ce", "overtone")
 StopRule = Literal["auto", "loss", "clipped", "top1", "none"]
 
@@ -48,6 +48,10 @@ class EditHparams(BaseModel):
         "'subject' tokens, or the subject's last token (as ROME does). Restricting to the subject keeps "
         "the change tied to it (better locality); facts without a subject train on all tokens.",
     )
+    whiten: bool = Field(
+        True, description="ft-k: whiten the keys by the edited module's input statistics over generic text "
+        "(ROME/MEMIT's C⁻¹k), so the change answers less to ordinary inputs.",
+    )
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank.")
     lora_alpha: float = Field(16.0, gt=0, le=1024, description="LoRA alpha (scale = alpha / rank).")
     seed: int = Field(0, ge=0, description="Seed for anything random in an edit.")
@@ -59,6 +63,7 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "ft-m": {"positions": "subject_last"},
     "ft-l": {"positions": "subject_last"},
     "lora": {"positions": "subject_last"},
+    "ft-k": {"positions": "subject_last", "lr": 5e-2},
 }
 
 

@@ -5,7 +5,14 @@ All methods share one training loop (editing/train.py); they differ only here:
   position (EasyEdit's `prompt_last`), usually with a norm constraint;
 - ft-m: the same weights, teacher-forced on prompt + target, prompt tokens masked;
 - lora: peft low-rank adapters on the chosen modules, teacher-forced; the delta keeps
-  the factors (peft's own layer code handles GPT-2's Conv1D via fan_in_fan_out).
+  the factors (peft's own layer code handles GPT-2's Conv1D via fan_in_fan_out);
+- ft-k: the same weights, teacher-forced, but changed only along the facts' keys (the
+  module's input at the trained positions, as ROME writes a fact): ΔW = U K̃ᵀ with K̃ the
+  keys, fixed, and only U trained. A dense Adam update moves every weight by about
+  ±lr, so it answers to any input; this one answers to inputs in proportion to their
+  cosine with the keys, so edits stacked on a branch disturb each other and unrelated
+  prompts far less. The keys are whitened as ROME/MEMIT do (editing/keys.py). The delta
+  is stored as factors (A = K̃, B = U).
 """
 
 from __future__ import annotations
@@ -31,12 +38,14 @@ class Method:
     name: str
     prompt_last: bool  # score every target token from the last prompt position
     low_rank: bool  # train LoRA factors instead of the weights themselves
+    along_keys: bool = False  # change the weights only along the facts' keys (ft-k)
 
 
 METHODS = {
     "ft-l": Method("ft-l", prompt_last=True, low_rank=False),
     "ft-m": Method("ft-m", prompt_last=False, low_rank=False),
     "lora": Method("lora", prompt_last=False, low_rank=True),
+    "ft-k": Method("ft-k", prompt_last=False, low_rank=False, along_keys=True),
 }
 
 
@@ -104,14 +113,50 @@ def only_at(modules: dict[str, torch.nn.Module], frozen: dict[str, torch.nn.Modu
 
 
 @contextmanager
-def trainable(model: torch.nn.Module, method: Method, hp: EditHparams):
+def along_keys(modules: dict[str, torch.nn.Module], keys: dict[str, torch.Tensor]):
+    """ft-k: add x K̃ᵀ Uᵀ to each module's output, U (out, K) trained from zero, K̃ (K, in) the
+    facts' keys (editing/keys.py); yields (params, make_delta)."""
+    factors = {}
+    for name, m in modules.items():
+        out_features = m.weight.shape[1] if is_conv1d(m) else m.weight.shape[0]
+        factors[name] = torch.zeros(out_features, len(keys[name]), device=m.weight.device, requires_grad=True)
+
+    def hook_for(name):
+        def hook(module, args, out):
+            k = keys[name].to(args[0].dtype)  # (K, in)
+            return out + (args[0] @ k.T) @ factors[name].to(out.dtype).T  # (B, L, out)
+
+        return hook
+
+    def make_delta() -> Delta:
+        return Delta(lora={f"{name}.weight": LoraFactors(A=keys[name].detach().float().clone(),  # (K, in)
+                                                          B=factors[name].detach().float().clone(),  # (out, K)
+                                                          scale=1.0, fan_in_fan_out=is_conv1d(modules[name]))
+                           for name in modules})
+
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in modules.items()]
+    try:
+        yield list(factors.values()), make_delta
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def trainable(model: torch.nn.Module, method: Method, hp: EditHparams, keys: dict | None = None):
     """Make the method's parameters trainable; yields (params, make_delta, originals, modules, frozen).
 
     `modules` are the trained modules and `frozen` unedited copies of them (for `only_at`).
     On exit the model is exactly as before (weights restored by copy, LoRA layers
     removed), whether training succeeded or raised. `make_delta()` must be called inside.
+    ft-k needs the facts' `keys` ({module name: (K, in)}, editing/keys.py `fact_keys`).
     """
     modules = target_modules(model, hp)
+    if method.along_keys:
+        frozen = {name: copy.deepcopy(m) for name, m in modules.items()}
+        with along_keys(modules, keys) as (params, make_delta):
+            yield params, make_delta, {}, modules, frozen
+        return
     if not method.low_rank:
         frozen = {name: copy.deepcopy(m) for name, m in modules.items()}
         params = {f"{name}.weight": m.weight for name, m in modules.items()}

@@ -21,7 +21,8 @@ from editing.delta import Delta
 from editing.facts import Fact
 from editing.frozen_layers import skip_frozen_layers
 from editing.hparams import EditHparams, resolve_hparams
-from editing.methods import first_layer, get_method, only_at, trainable
+from editing.keys import fact_keys
+from editing.methods import first_layer, get_method, only_at, target_modules, trainable
 from editing.model import LoadedModel
 from editing.objectives import TokenStats, objective_loss
 from editing.prefixes import context_prefixes
@@ -116,7 +117,8 @@ def edit(
                         stopped_early=False, seconds=0.0,
                         target_tokens=tok.convert_ids_to_tokens(batch.labels[own_tokens].tolist()))
     with ExitStack() as stack:
-        params, make_delta, originals, modules, frozen = stack.enter_context(trainable(model, m, hp))
+        keys = fact_keys(lm, target_modules(model, hp), batch, hp.positions, hp.whiten) if m.along_keys else None
+        params, make_delta, originals, modules, frozen = stack.enter_context(trainable(model, m, hp, keys))
         if hp.positions != "all":
             stack.enter_context(only_at(modules, frozen, batch.subject_mask))
         inputs = stack.enter_context(skip_frozen_layers(model, first_layer(modules), batch))

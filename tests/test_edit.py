@@ -28,7 +28,7 @@ def same(a, b):
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
-@pytest.mark.parametrize("method", ["ft-m", "ft-l", "lora"])
+@pytest.mark.parametrize("method", ["ft-m", "ft-l", "lora", "ft-k"])
 @pytest.mark.parametrize("objective", ["ce", "overtone"])
 def test_edit_returns_a_delta_and_leaves_the_model_unchanged(make, method, objective):
     lm = make()
@@ -38,14 +38,14 @@ def test_edit_returns_a_delta_and_leaves_the_model_unchanged(make, method, objec
     assert same(before, weights(lm.model))
     assert [n for n, _ in lm.model.named_modules()] == names_before  # LoRA layers removed
     assert r.steps >= 1 and r.delta.names()
-    assert (method == "lora") == bool(r.delta.lora)
+    assert (method in ("lora", "ft-k")) == bool(r.delta.lora)
     for name in r.delta.names():
         assert r.delta.change(name).shape == before[name].shape
         assert torch.count_nonzero(r.delta.change(name)) > 0
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
-@pytest.mark.parametrize("method", ["ft-m", "lora"])
+@pytest.mark.parametrize("method", ["ft-m", "lora", "ft-k"])
 def test_applied_edit_answers_with_the_new_target(make, method):
     lm = make()
     snap = metrics.snapshot(lm, [FACT])
@@ -190,3 +190,28 @@ def test_skipping_frozen_layers_changes_no_result(method, monkeypatch):
     with skip_frozen_layers(lm.model, 1, train.pair_batch(lm.tokenizer, [("a b", "c")])) as cached:
         assert cached is not None and len(lm.model.model.layers) == 2
     assert len(lm.model.model.layers) == 3  # restored
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_ft_k_changes_the_weights_only_along_the_facts_keys(make):
+    from editing.keys import fact_keys
+    from editing.methods import target_modules
+    from editing.tokens import pair_batch
+
+    lm = make()
+    hp = {"layers": [0], "lr": 0.05, "steps": 10}  # subject_last: one key per fact
+    r = edit(lm, [FACT], method="ft-k", objective="overtone", hparams=hp)
+    (name,) = r.delta.names()
+    modules = target_modules(lm.model, resolve_hparams("ft-k", hp))
+    batch = pair_batch(lm.tokenizer, [(FACT.prompt, FACT.target_new)], subjects=[FACT.subject], subject_last=True)
+    keys = fact_keys(lm, modules, batch, "subject_last", whitened=True)
+    (k,) = keys.values()  # (1, in): the whitened key of the subject's last token
+    k = torch.nn.functional.normalize(k, dim=-1)
+    assert k.shape[0] == 1
+    change = r.delta.change(name)  # (out, in); GPT-2 Conv1D: (in, out)
+    change = change.T if change.shape[1] != k.shape[1] else change
+    assert torch.linalg.matrix_rank(change) == 1
+    v = torch.randn(k.shape[1])
+    v -= (v @ k[0]) * k[0]  # orthogonal to the key: the edit leaves this input's output alone
+    assert torch.allclose(change @ v, torch.zeros(change.shape[0]), atol=1e-5)
+    assert (change @ k[0]).abs().max() > 1e-3
