@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -20,17 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import batch, costs, hto, quality, sequential, service  # noqa: E402
 from benchmarks.common import RESULTS, ROOT, read_jsonl, run_facts  # noqa: E402
+from editing.evaluate import bootstrap_ci  # noqa: E402
 
 SECTIONS = (quality, hto, sequential, batch, service, costs)
 
 
-def paired_difference(a: list[float], b: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float, float]:
     """Mean of a - b over paired records and its 95% bootstrap interval."""
     diffs = [x - y for x, y in zip(a, b)]
-    rng = random.Random(seed)
-    n = len(diffs)
-    means = sorted(sum(rng.choices(diffs, k=n)) / n for _ in range(reps))
-    return sum(diffs) / n, means[int(0.025 * reps)], means[int(0.975 * reps)]
+    lo, hi = bootstrap_ci(diffs)
+    return sum(diffs) / len(diffs), lo, hi
 
 
 def overtone_vs_ce(results: Path) -> list[str]:

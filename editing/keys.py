@@ -62,32 +62,36 @@ def generic_text(max_chars: int = 40_000) -> list[str]:
     return passages
 
 
+class _Enough(Exception):
+    """Raised by a hook once every wanted input is read: the blocks above need not run."""
+
+
 @torch.no_grad()
 def module_inputs(model: torch.nn.Module, modules: dict[str, torch.nn.Module], input_ids: torch.Tensor,
                   attention_mask: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each module's input at the positions `mask` (B, L) marks: {name: (K, in)} in fp32."""
+    """Each module's input at the positions `mask` (B, L) marks: {name: (K, in)} in fp32. The
+    forward stops once every module has been read (the blocks above it never run)."""
     found = {}
 
     def hook_for(name):
         def hook(module, args):
             found[name] = args[0][mask].float()  # (K, in)
+            if len(found) == len(modules):
+                raise _Enough
 
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules.items()]
     try:
         model(input_ids=input_ids, attention_mask=attention_mask)
+    except _Enough:
+        pass
     finally:
         for h in handles:
             h.remove()
     return found
 
 
-class _Enough(Exception):
-    """Raised by a hook once every wanted input is read: the blocks above need not run."""
-
-
-@torch.no_grad()
 def _input_sums(model: torch.nn.Module, tokenizer, modules: dict[str, torch.nn.Module],
                 chunk: int = 16) -> tuple[dict[str, torch.Tensor], int]:
     """Σ x xᵀ per module over `generic_text` (in, in), and the number of tokens."""
@@ -99,26 +103,8 @@ def _input_sums(model: torch.nn.Module, tokenizer, modules: dict[str, torch.nn.M
         enc = tokenizer(passages[i : i + chunk], return_tensors="pt", padding=True, truncation=True,
                         max_length=128).to(device)
         mask = enc.attention_mask.bool()  # (B, L)
-        seen: set[str] = set()
-
-        def hook_for(name, mask=mask, seen=seen):
-            def hook(module, args):
-                x = args[0][mask].float()  # (tokens, in)
-                sums[name] = x.T @ x if name not in sums else sums[name] + x.T @ x
-                seen.add(name)
-                if len(seen) == len(modules):
-                    raise _Enough
-
-            return hook
-
-        handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules.items()]
-        try:
-            model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
-        except _Enough:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
+        for name, x in module_inputs(model, modules, enc.input_ids, enc.attention_mask, mask).items():
+            sums[name] = x.T @ x if name not in sums else sums[name] + x.T @ x  # x: (tokens, in)
         count += int(mask.sum())
     return sums, count
 
