@@ -13,6 +13,7 @@ from rich.table import Table
 
 from app import cli_service, cli_store
 from app.settings import get_settings
+from editing.hparams import DEFAULT_METHOD, DEFAULT_OBJECTIVE, METHODS, OBJECTIVES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="lmedit: versioned knowledge edits.")
 cli_store.register(app)
@@ -21,6 +22,8 @@ console = Console(stderr=True)
 
 MODEL_HELP = "Model: 'smollm2' (embedded), a local HF folder or .gguf file [env LMEDIT_MODEL]"
 STORE_HELP = "Version store: a folder or fsspec URL [env LMEDIT_STORE]"
+METHOD_HELP = f"Edit method: {' | '.join(METHODS)} (default {DEFAULT_METHOD}; facts without a subject fall back)"
+OBJECTIVE_HELP = f"Training objective: {' | '.join(OBJECTIVES)}"
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -94,8 +97,8 @@ def edit(
     subject: str | None = typer.Option(None, "--subject", "-s", help="The fact's subject, as in the prompt"),
     rephrase: list[str] = typer.Option([], "--rephrase", help="A rephrased prompt to measure (repeatable)"),
     locality: list[str] = typer.Option([], "--locality", help="An unrelated prompt to keep (repeatable)"),
-    method: str = typer.Option("ft-m", help="ft-m | ft-l | lora | ft-k"),
-    objective: str = typer.Option("overtone", help="overtone | ce"),
+    method: str | None = typer.Option(None, help=METHOD_HELP),
+    objective: str = typer.Option(DEFAULT_OBJECTIVE, help=OBJECTIVE_HELP),
     hparams: str | None = typer.Option(None, help="JSON object of hyperparameters (see docs)"),
     store: str | None = typer.Option(None, help=STORE_HELP),
     branch: str = typer.Option("main", help="Branch to commit the new version to"),
@@ -107,7 +110,7 @@ def edit(
     from pydantic import ValidationError
 
     from editing.facts import Fact, Probe, read_facts
-    from editing.hparams import resolve_hparams
+    from editing.hparams import choose_method, resolve_hparams
 
     try:
         if facts_file is not None:
@@ -117,6 +120,9 @@ def edit(
                           locality_prompts=[Probe(p) for p in locality])]
         else:
             fail("give a FACTS.json file, or --prompt and --target")
+        method, note = choose_method(method, [f.subject for f in facts])
+        if note:
+            console.print(f"[yellow]note:[/yellow] {note}")
         hp = resolve_hparams(method, _hparams(hparams))
     except (ValueError, OSError, ValidationError) as e:
         fail(str(e))
@@ -177,8 +183,8 @@ def evaluate_cmd(
     fmt: str | None = typer.Option(None, "--format", help="counterfact | zsre | mquake | facts (detected)"),
     n: int | None = typer.Option(None, "--n", min=1, help="How many records"),
     offset: int = typer.Option(0, "--offset", min=0, help="First record"),
-    method: str = typer.Option("ft-m"),
-    objective: str = typer.Option("overtone"),
+    method: str | None = typer.Option(None, help=METHOD_HELP),
+    objective: str = typer.Option(DEFAULT_OBJECTIVE, help=OBJECTIVE_HELP),
     hparams: str | None = typer.Option(None, help="JSON object of hyperparameters"),
     fluency_tokens: int = typer.Option(0, help="Generate this many tokens per fact for fluency (0: skip)"),
     threads: int | None = typer.Option(None, help="torch threads"),
@@ -198,6 +204,7 @@ def evaluate_cmd(
     from editing.facts import read_cases
     from editing.hparams import resolve_hparams
 
+    method = method or DEFAULT_METHOD
     try:
         cases = read_cases(data, fmt=fmt, offset=offset, n=n)
         resolve_hparams(method, _hparams(hparams))
@@ -240,7 +247,7 @@ def diagnose(
     prompt: str = typer.Option(..., "--prompt", "-p"),
     target: str = typer.Option(..., "--target", "-t"),
     subject: str | None = typer.Option(None, "--subject", "-s"),
-    method: str = typer.Option("ft-m"),
+    method: str = typer.Option(DEFAULT_METHOD, help=METHOD_HELP),
     steps: int = typer.Option(20, min=1, max=500),
     hparams: str | None = typer.Option(None, help="JSON object of hyperparameters"),
     out: Path = typer.Option(Path("hto"), help="Output path stem: writes STEM.json and STEM.png"),

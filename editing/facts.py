@@ -36,6 +36,12 @@ class Fact:
             raise ValueError("fact prompt is empty")
         if not isinstance(self.target_new, str) or not self.target_new.strip():
             raise ValueError(f"fact target_new is empty (prompt {self.prompt!r})")
+        if self.subject is not None and not self.subject.strip():
+            self.subject = None
+        if self.subject is not None and self.subject.lower() not in self.prompt.lower():
+            # Silently training on every position instead would spread the edit to other subjects.
+            raise ValueError(f"subject {self.subject!r} does not occur in the prompt {self.prompt!r}: give the "
+                             "subject as written in the prompt, or leave it out to train on every position")
         self.locality_prompts = [_probe(p) for p in self.locality_prompts]
         self.portability = [_probe(p) for p in self.portability]
 

@@ -3,12 +3,44 @@ validates client `hparams` with this model without loading any."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-METHODS = ("ft-l", "ft-m", "lora", "ft-k")
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What distinguishes an edit method; the training loop (editing/train.py) reads these flags."""
+
+    name: str
+    summary: str
+    prompt_last: bool = False  # score every target token from the last prompt position (ft-l)
+    low_rank: bool = False  # train LoRA factors instead of the weights themselves
+    along_keys: bool = False  # change the weights only along the facts' keys (ft-k)
+    closed_form: str | None = None  # locate-then-edit: train a residual value, then solve ΔW ("memit", "alphaedit")
+    defaults: dict = field(default_factory=dict)  # hparams the client leaves out
+
+    @property
+    def needs_subject(self) -> bool:
+        """Locate-then-edit methods find the fact's key at its subject: no subject, no edit."""
+        return self.closed_form is not None
+
+
+# The one list of edit methods. Per-method defaults were chosen by measurement on
+# counterfact-dev records 0–999 only (benchmarks/tune.py); records 1000+ are for reporting.
+METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    MethodSpec("ft-m", "fine-tune the MLP output projection, teacher-forced on prompt + target"),
+    MethodSpec("ft-l", "fine-tune it scoring every target token from the last prompt position", prompt_last=True),
+    MethodSpec("lora", "peft low-rank adapters on the same module, kept as factors", low_rank=True),
+    MethodSpec("ft-k", "change the module only along each fact's whitened key (experimental)", along_keys=True,
+               defaults={"lr": 5e-2}),
+)}
+METHODS = tuple(METHOD_SPECS)
+# The one list of training objectives (editing/objectives.py implements each).
 OBJECTIVES = ("ce", "overtone")
+DEFAULT_METHOD = "ft-m"  # POST /edits, `lmedit edit` and `lmedit eval` when no method is named
+DEFAULT_OBJECTIVE = "overtone"
 StopRule = Literal["auto", "loss", "clipped", "top1", "none"]
 
 
@@ -44,7 +76,7 @@ class EditHparams(BaseModel):
         "prefixes (as ROME does), so the fact holds in other contexts.",
     )
     positions: Literal["all", "subject", "subject_last"] = Field(
-        "all", description="Where the edited weights act during training: 'all' tokens, the fact's "
+        "subject_last", description="Where the edited weights act during training: 'all' tokens, the fact's "
         "'subject' tokens, or the subject's last token (as ROME does). Restricting to the subject keeps "
         "the change tied to it (better locality); facts without a subject train on all tokens.",
     )
@@ -57,18 +89,33 @@ class EditHparams(BaseModel):
     seed: int = Field(0, ge=0, description="Seed for anything random in an edit.")
 
 
-# Per-method defaults: what `hparams` the client leaves out. Chosen by measurement on
-# counterfact-dev records 0–999 only (benchmarks/tune.py); records 1000+ are for reporting.
-METHOD_DEFAULTS: dict[str, dict] = {
-    "ft-m": {"positions": "subject_last"},
-    "ft-l": {"positions": "subject_last"},
-    "lora": {"positions": "subject_last"},
-    "ft-k": {"positions": "subject_last", "lr": 5e-2},
-}
-
-
 def resolve_hparams(method: str, overrides: dict | None = None) -> EditHparams:
     """The method's defaults with the caller's overrides on top (validated)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    return EditHparams(**{**METHOD_DEFAULTS[method], **(overrides or {})})
+    return EditHparams(**{**method_spec(method).defaults, **(overrides or {})})
+
+
+def method_spec(name: str) -> MethodSpec:
+    if name not in METHOD_SPECS:
+        raise ValueError(f"unknown method {name!r}; choose one of {METHODS}")
+    return METHOD_SPECS[name]
+
+
+FALLBACK_METHOD = "ft-m"  # what the default becomes for facts that name no subject
+
+
+def choose_method(requested: str | None, subjects: list[str | None]) -> tuple[str, str | None]:
+    """The method an edit runs with, and a note when the default had to fall back.
+
+    A locate-then-edit method finds each fact's key at its subject: naming one for a fact
+    without a subject is an error (ValueError: the API's 422). Left to the default, such an
+    edit falls back to `FALLBACK_METHOD`, which trains on every position, and says so."""
+    missing = [i for i, s in enumerate(subjects) if not s]
+    if requested is not None:
+        spec = method_spec(requested)
+        if spec.needs_subject and missing:
+            raise ValueError(f"method {requested!r} needs each fact's subject (facts {missing[:5]} have none)")
+        return requested, None
+    if method_spec(DEFAULT_METHOD).needs_subject and missing:
+        return FALLBACK_METHOD, (f"{len(missing)} fact(s) without a subject: edited with {FALLBACK_METHOD} "
+                                 f"instead of {DEFAULT_METHOD}, training on every position")
+    return DEFAULT_METHOD, None

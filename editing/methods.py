@@ -20,12 +20,11 @@ from __future__ import annotations
 import copy
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
 from editing.delta import Delta, LoraFactors
-from editing.hparams import EditHparams
+from editing.hparams import EditHparams, MethodSpec, method_spec
 
 # The MLP output projection, by architecture: where fine-tuning edits go by default.
 DEFAULT_MODULES = {"llama": ["mlp.down_proj"], "gpt2": ["mlp.c_proj"], "mistral": ["mlp.down_proj"],
@@ -33,26 +32,11 @@ DEFAULT_MODULES = {"llama": ["mlp.down_proj"], "gpt2": ["mlp.c_proj"], "mistral"
 _BLOCK = re.compile(r"(?:^|\.)(\d+)\.(.+)$")
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    prompt_last: bool  # score every target token from the last prompt position
-    low_rank: bool  # train LoRA factors instead of the weights themselves
-    along_keys: bool = False  # change the weights only along the facts' keys (ft-k)
-
-
-METHODS = {
-    "ft-l": Method("ft-l", prompt_last=True, low_rank=False),
-    "ft-m": Method("ft-m", prompt_last=False, low_rank=False),
-    "lora": Method("lora", prompt_last=False, low_rank=True),
-    "ft-k": Method("ft-k", prompt_last=False, low_rank=False, along_keys=True),
-}
+Method = MethodSpec  # the one list of methods and their flags lives in editing/hparams.py (torch-free)
 
 
 def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {tuple(METHODS)}")
-    return METHODS[name]
+    return method_spec(name)
 
 
 def num_layers(model: torch.nn.Module) -> int:

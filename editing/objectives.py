@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from editing.hparams import OBJECTIVES
+
 
 @dataclass
 class TokenStats:
@@ -56,9 +58,6 @@ def overtone(
     with torch.no_grad():
         stats = TokenStats(p_label=p_label, top1=p_hat.argmax(-1) == labels, clipped=clipped)
     return per_token.mean(), stats
-
-
-OBJECTIVES = ("ce", "overtone")
 
 
 def objective_loss(

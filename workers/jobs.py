@@ -18,6 +18,7 @@ from rq.serializers import JSONSerializer
 
 from app import protocol
 from editing.facts import Fact
+from editing.hparams import DEFAULT_OBJECTIVE, choose_method
 from editing.generate import complete
 from editing.store import ConflictError, CorruptObjectError, NotFoundError, StoreError
 from editing.train import EditCanceled, EditError, StepInfo
@@ -131,10 +132,11 @@ def apply_edit(request: dict) -> dict | Retry:
 
     try:
         facts = [Fact.from_dict(f) for f in request["facts"]]
+        method, note = choose_method(request.get("method"), [f.subject for f in facts])
         for attempt in range(CONFLICT_RETRIES):
             try:
                 outcome = engine.session.edit(
-                    facts, method=request.get("method") or "ft-m", objective=request.get("objective") or "overtone",
+                    facts, method=method, objective=request.get("objective") or DEFAULT_OBJECTIVE,
                     hparams=request.get("hparams") or None, branch=branch, job_id=job.id,
                     key_id=request.get("key_id"), on_step=on_step, is_canceled=lambda: _is_canceled(conn, job.id),
                 )
@@ -150,7 +152,8 @@ def apply_edit(request: dict) -> dict | Retry:
         return finish({"status": "failed", "error": f"{type(e).__name__}: {e}"})
     return finish({"status": "succeeded", "version": outcome.version, "parent": outcome.parent,
                    "metrics": outcome.manifest["metrics"] if outcome.manifest else outcome.metrics,
-                   "steps": outcome.steps, "seconds": round(outcome.seconds, 4)})
+                   "steps": outcome.steps, "seconds": round(outcome.seconds, 4), "method": method,
+                   **({"note": note} if note else {})})
 
 
 # --- generations -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import EditKey, ReadKey, ServicesDep, StoreDep
 from app.errors import InvalidRequest, NotFound, TooLarge
 from app.schemas.edits import EditAccepted, EditRequest, EditState
-from editing.hparams import resolve_hparams
+from editing.hparams import choose_method, resolve_hparams
 from editing.store import validate_name
 
 router = APIRouter(prefix="/edits", tags=["edits"])
@@ -30,7 +30,7 @@ def _validate(services, store, body: EditRequest) -> None:
             raise TooLarge(f"a prompt longer than {limits.max_prompt_chars} characters")
     try:
         validate_name(body.branch, "branch name")
-        resolve_hparams(body.method, body.hparams)
+        resolve_hparams(choose_method(body.method, [f.subject for f in body.facts])[0], body.hparams)
     except ValidationError as e:
         raise InvalidRequest("hparams: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
                                                        for err in e.errors())) from None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from editing.hparams import METHODS, OBJECTIVES
+from editing.hparams import DEFAULT_METHOD, DEFAULT_OBJECTIVE, METHODS, OBJECTIVES, choose_method
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
 Objective = Literal[OBJECTIVES]  # type: ignore[valid-type]
@@ -37,6 +37,13 @@ class FactIn(BaseModel):
             raise ValueError("must not be empty or only whitespace")
         return value
 
+    @model_validator(mode="after")
+    def _subject_in_prompt(self) -> FactIn:
+        if self.subject is not None and self.subject.strip() and self.subject.lower() not in self.prompt.lower():
+            raise ValueError(f"subject {self.subject!r} does not occur in the prompt {self.prompt!r}: give the "
+                             "subject as written in the prompt, or leave it out to train on every position")
+        return self
+
     def texts(self) -> list[str]:
         probes = [p if isinstance(p, str) else p.prompt for p in self.locality_prompts + self.portability]
         return [self.prompt, self.target_new, *(self.rephrase_prompts), *probes]
@@ -51,10 +58,16 @@ class EditRequest(BaseModel):
 
     facts: list[FactIn] = Field(min_length=1, description="Edited together as one version.")
     branch: str = Field("main", description="The branch the new version goes to.")
-    method: Method = "ft-m"
-    objective: Objective = "overtone"
+    method: Method | None = Field(None, description=f"Edit method; default {DEFAULT_METHOD} (facts without a "
+                                  "subject fall back to fine-tuning, and the job's result says so).")
+    objective: Objective = DEFAULT_OBJECTIVE
     hparams: dict[str, Any] | None = Field(None, description="Overrides of the method's hyperparameters "
                                            "(documented ranges; 422 outside them).")
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> EditRequest:
+        choose_method(self.method, [f.subject for f in self.facts])  # a locate-then-edit method needs subjects
+        return self
 
 
 class EditAccepted(BaseModel):
