@@ -18,8 +18,8 @@ from rq.serializers import JSONSerializer
 
 from app import protocol
 from editing.facts import Fact
-from editing.hparams import DEFAULT_OBJECTIVE, choose_method
 from editing.generate import complete
+from editing.hparams import DEFAULT_OBJECTIVE, choose_method
 from editing.store import ConflictError, CorruptObjectError, NotFoundError, StoreError
 from editing.train import EditCanceled, EditError, StepInfo
 from workers.engine import get_engine
