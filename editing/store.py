@@ -41,6 +41,9 @@ On S3, credentials and the endpoint come from the usual AWS settings (environmen
 
 This module imports neither torch nor `editing.delta` at import time (the API lists
 versions without torch); only the functions that read or write blobs do.
+
+Where things are: the two storage backends in `editing/backends.py`, this module the version
+store itself (manifests, refs, ref log), `fsck` and `gc` in `editing/maintenance.py`.
 """
 
 from __future__ import annotations
@@ -53,25 +56,26 @@ import json
 import math
 import os
 import re
-import tempfile
-import threading
-import time
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from editing.backends import FsspecBackend, LocalBackend, _backend_for
+from editing.backends import is_tmp as _is_tmp
 
 if TYPE_CHECKING:
     from editing.delta import Delta
+    from editing.maintenance import FsckReport
+
+__all__ = [
+    "BaseMismatchError", "ConflictError", "CorruptObjectError", "FsspecBackend", "LocalBackend",
+    "NotFoundError", "StoreError", "VersionStore", "default_store_url", "validate_name",
+]
 
 FORMAT_VERSION = 1
 DEFAULT_STORE = "./lmedit-store"
 REF_KINDS = ("branches", "tags")
 VERSION_ID = re.compile(r"^[0-9a-f]{32}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_TMP_PREFIX = ".tmp-"
 
 
 class StoreError(Exception):
@@ -147,264 +151,8 @@ def _object_path(sha: str) -> str:
     return f"objects/{sha[:2]}/{sha}"
 
 
-def _is_tmp(path: str) -> bool:
-    return path.rsplit("/", 1)[-1].startswith(_TMP_PREFIX)
-
-
-# --- backends: the few storage operations the store needs -------------------------------------
-#
-# read / write (atomic overwrite) / create (exclusive; False if it exists) /
-# read_versioned + replace_if (compare-and-swap) / list / delete / stat.
-
-
-class LocalBackend:
-    """A local directory. Atomic writes by temporary file + rename; CAS under a file lock."""
-
-    def __init__(self, root: str | Path, durable: bool = True):
-        self.root = Path(root)
-        self.durable = durable  # fsync files and directories (survives power loss, not just kills)
-
-    def _path(self, rel: str) -> Path:
-        return self.root / rel
-
-    def read(self, rel: str) -> bytes:
-        return self._path(rel).read_bytes()
-
-    def _write_tmp(self, path: Path, data: bytes) -> str:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                if self.durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return tmp
-
-    def _sync_dir(self, path: Path) -> None:
-        if self.durable:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def write(self, rel: str, data: bytes) -> None:
-        path = self._path(rel)
-        tmp = self._write_tmp(path, data)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        self._sync_dir(path.parent)
-
-    def create(self, rel: str, data: bytes) -> bool:
-        path = self._path(rel)
-        tmp = self._write_tmp(path, data)
-        try:
-            os.link(tmp, path)  # atomic and exclusive: fails if `path` exists
-        except FileExistsError:
-            return False
-        except OSError:  # a filesystem without hard links: the same under the file lock
-            with self._lock(rel):
-                if path.exists():
-                    return False
-                os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        self._sync_dir(path.parent)
-        return True
-
-    @contextlib.contextmanager
-    def _lock(self, rel: str) -> Iterator[None]:
-        from filelock import FileLock  # lazy: `app/` lists versions without needing it
-
-        lock_dir = self.root / "locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(lock_dir / (rel.replace("/", "~") + ".lock"), timeout=60):
-            yield
-
-    def read_versioned(self, rel: str) -> tuple[bytes | None, Any]:
-        try:
-            data = self.read(rel)
-        except FileNotFoundError:
-            return None, None
-        return data, data  # locally the token is the content itself, compared under the lock
-
-    def replace_if(self, rel: str, data: bytes, token: Any) -> bool:
-        with self._lock(rel):
-            current, _ = self.read_versioned(rel)
-            if current != token:
-                return False
-            self.write(rel, data)
-            return True
-
-    def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix)
-        if not base.exists():
-            return []
-        out = []
-        for dirpath, _, files in os.walk(base):
-            for f in files:
-                out.append(Path(dirpath, f).relative_to(self.root).as_posix())
-        return sorted(out)
-
-    def delete(self, rel: str) -> None:
-        self._path(rel).unlink(missing_ok=True)
-
-    def stat(self, rel: str) -> tuple[float, int]:
-        """(modification time, size in bytes)"""
-        st = self._path(rel).stat()
-        return st.st_mtime, st.st_size
-
-
-class FsspecBackend:
-    """Any fsspec filesystem. On S3 (s3fs), CAS is a conditional PUT (If-Match on the ETag read,
-    If-None-Match: * to create), safe across machines. Other filesystems get a process-local
-    lock only: fine for one process (tests, memory://), not for several writers."""
-
-    def __init__(self, fs: Any, root: str):
-        self.fs = fs
-        self.root = root.rstrip("/")
-        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-        self.s3 = "s3" in protocols and hasattr(fs, "_call_s3")
-        self._mutex = threading.Lock()
-        if not self.s3:
-            warnings.warn(
-                f"store on {protocols[0]}:// has no conditional writes: ref updates are safe within "
-                "one process only",
-                stacklevel=3,
-            )
-
-    def _path(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
-
-    def read(self, rel: str) -> bytes:
-        return self.fs.cat_file(self._path(rel))
-
-    def write(self, rel: str, data: bytes) -> None:
-        self.fs.pipe_file(self._path(rel), data)  # a single PUT: atomic on S3
-
-    def _s3(self, method: str, rel: str, **kwargs: Any) -> Any:
-        from fsspec.asyn import sync
-
-        bucket, key, _ = self.fs.split_path(self._path(rel))
-
-        async def call() -> Any:
-            resp = await self.fs._call_s3(method, Bucket=bucket, Key=key, **kwargs)
-            if method == "get_object":  # read body and ETag from one response: no race between them
-                try:
-                    return await resp["Body"].read(), resp["ETag"]
-                finally:
-                    resp["Body"].close()
-            return resp
-
-        try:
-            return sync(self.fs.loop, call)
-        finally:
-            self.fs.invalidate_cache(self._path(rel))
-
-    def create(self, rel: str, data: bytes) -> bool:
-        return self.replace_if(rel, data, None)
-
-    def read_versioned(self, rel: str) -> tuple[bytes | None, Any]:
-        if not self.s3:
-            try:
-                data = self.read(rel)
-            except FileNotFoundError:
-                return None, None
-            return data, data
-        try:
-            return self._s3("get_object", rel)
-        except FileNotFoundError:
-            return None, None
-
-    def replace_if(self, rel: str, data: bytes, token: Any) -> bool:
-        if not self.s3:
-            with self._mutex:
-                current, _ = self.read_versioned(rel)
-                if current != token:
-                    return False
-                self.write(rel, data)
-                return True
-        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
-        try:
-            self._s3("put_object", rel, Body=data, **condition)
-        except OSError as e:
-            if _precondition_failed(e):
-                return False
-            raise
-        return True
-
-    def list(self, prefix: str) -> list[str]:
-        path = self._path(prefix)
-        self.fs.invalidate_cache()  # s3fs caches listings; the store needs the current state
-        if not self.fs.exists(path):
-            return []
-        start = len(self.root) + 1
-        return sorted(p[start:] for p in self.fs.find(path))
-
-    def delete(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self._path(rel))
-
-    def stat(self, rel: str) -> tuple[float, int]:
-        """(modification time, size in bytes)"""
-        path = self._path(rel)
-        return self.fs.modified(path).timestamp(), self.fs.size(path)
-
-
-def _precondition_failed(error: BaseException) -> bool:
-    """s3fs turns HTTP 412 (and AWS's 409 for racing conditional writes) into generic OSErrors."""
-    if isinstance(error, FileExistsError):
-        return True
-    cause = error.__cause__
-    code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause is not None else None
-    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
-
-
-def _backend_for(url: str, storage_options: dict | None, durable: bool) -> LocalBackend | FsspecBackend:
-    if "://" not in url or url.startswith("file://"):
-        return LocalBackend(Path(url.removeprefix("file://")).expanduser(), durable=durable)
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return FsspecBackend(fs, root)
-
 
 # --- the store -------------------------------------------------------------------------------
-
-
-@dataclass
-class Problem:
-    kind: str  # corrupt-manifest, missing-parent, missing-object, corrupt-object, missing-ref, ...
-    path: str
-    message: str
-
-
-@dataclass
-class FsckReport:
-    problems: list[Problem] = field(default_factory=list)
-    repaired: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # harmless leftovers (temporary files, orphans)
-    versions: int = 0
-    objects: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def add(self, kind: str, path: str, message: str) -> None:
-        self.problems.append(Problem(kind, path, message))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"ok": self.ok}
 
 
 class VersionStore:
@@ -755,151 +503,15 @@ class VersionStore:
                 out.append(json.loads(self.backend.read(path)))
         return sorted(out, key=lambda e: e["seq"])
 
-    # --- maintenance ---------------------------------------------------------------------------
+    # --- maintenance (editing/maintenance.py) --------------------------------------------------
     def gc(self, grace_seconds: float = 3600.0) -> dict:
         """Remove blobs that no manifest names (and temporary files), older than the grace period."""
-        referenced = set()
-        for path in self.backend.list("versions"):
-            if _is_tmp(path):
-                continue
-            try:
-                info = json.loads(self.backend.read(path)).get("delta")
-            except ValueError:
-                raise StoreError(f"{path} is unreadable: run `lmedit store fsck` before gc") from None
-            if info:
-                referenced.add(info["object"])
-        cutoff = time.time() - grace_seconds
-        removed, kept, freed = [], 0, 0
-        candidates = self.backend.list("objects") + [
-            p for prefix in ("versions", "refs", "reflog") for p in self.backend.list(prefix) if _is_tmp(p)
-        ]
-        for path in candidates:
-            name = path.rsplit("/", 1)[-1]
-            if name in referenced:
-                kept += 1
-                continue
-            try:
-                mtime, size = self.backend.stat(path)
-            except FileNotFoundError:
-                continue
-            if mtime > cutoff:  # possibly a commit in flight: its manifest is not written yet
-                kept += 1
-                continue
-            self.backend.delete(path)
-            removed.append(path)
-            freed += size
-        return {"removed": removed, "kept": kept, "bytes_freed": freed}
+        from editing import maintenance
+
+        return maintenance.gc(self, grace_seconds)
 
     def fsck(self, repair: bool = False) -> FsckReport:
-        """Check every manifest, object and ref; with `repair`, rebuild refs from the ref log.
-        The report lists the problems found (before any repair) and the repairs made."""
-        report = FsckReport()
-        ok: dict[str, bool] = {}  # version id -> its manifest reads and verifies
-        for path in self.backend.list("versions"):
-            if _is_tmp(path):
-                report.notes.append(f"temporary file {path} (gc removes it)")
-                continue
-            vid = path.rsplit("/", 1)[-1].removesuffix(".json")
-            try:
-                self._manifest(vid)
-                ok[vid] = True
-            except StoreError as e:
-                ok[vid] = False
-                report.add("corrupt-manifest", path, str(e))
-        report.versions = len(ok)
-        if self.base_id not in ok:
-            report.add("missing-base", f"versions/{self.base_id}.json", "the base manifest is missing")
+        """Check every manifest, object and ref; with `repair`, rebuild refs from the ref log."""
+        from editing import maintenance
 
-        complete: dict[str, bool] = {}  # version id -> its manifest and all its ancestors' are sound
-
-        def is_complete(vid: str | None) -> bool:
-            walked = []
-            while vid is not None and vid not in complete and ok.get(vid) and vid not in walked:
-                walked.append(vid)
-                vid = self._manifest(vid)["parent"]
-            result = True if vid is None else complete.get(vid, False)  # missing, corrupt or a cycle
-            for v in walked:
-                complete[v] = result
-            return result
-
-        referenced = set()
-        for vid in sorted(v for v, good in ok.items() if good):
-            m = self._manifest(vid)
-            if m["parent"] is not None and not ok.get(m["parent"]):
-                report.add("missing-parent", f"versions/{vid}.json",
-                           f"version {vid} names parent {m['parent']}, which is missing or corrupt")
-            if m["delta"] is not None:
-                sha = m["delta"]["object"]
-                referenced.add(sha)
-                try:
-                    self._read_object(vid, sha)
-                except CorruptObjectError as e:
-                    kind = "missing-object" if "missing" in str(e) else "corrupt-object"
-                    report.add(kind, _object_path(sha), str(e))
-        objects = self.backend.list("objects")
-        report.objects = sum(not _is_tmp(p) for p in objects)
-        orphans = sum(not _is_tmp(p) and p.rsplit("/", 1)[-1] not in referenced for p in objects)
-        if orphans:
-            report.notes.append(f"{orphans} blob(s) no manifest names (gc removes them after a grace period)")
-        report.notes += [f"temporary file {p} (gc removes it)" for p in objects if _is_tmp(p)]
-
-        for kind in REF_KINDS:
-            paths = self.backend.list(f"refs/{kind}") + self.backend.list(f"reflog/{kind}")
-            names = {p.split("/")[2] for p in paths if not _is_tmp(p)}
-            for name in sorted(names):
-                self._fsck_ref(kind, name, is_complete, report, repair)
-        if self._read_ref("branches", "main") is None and not self.reflog("branches", "main"):
-            report.add("missing-ref", "refs/branches/main", "branch main is missing and has no ref log")
-            if repair:
-                self._move_ref("branches", "main", None, self.base_id, "repair")
-                report.repaired.append(f"refs/branches/main: set to base {self.base_id}")
-        return report
-
-    def _fsck_ref(self, kind: str, name: str, is_complete: Any, report: FsckReport, repair: bool) -> None:
-        path, log_dir = f"refs/{kind}/{name}", f"reflog/{kind}/{name}"
-        data, token = self.backend.read_versioned(path)
-        try:
-            ref = json.loads(data) if data is not None else None
-        except ValueError:
-            ref = None
-            report.add("corrupt-ref", path, f"{path} is not valid JSON")
-        try:
-            log = self.reflog(kind, name)
-        except ValueError:
-            log = []
-            report.add("corrupt-reflog", log_dir, f"an entry of {log_dir} is not valid JSON")
-        last = log[-1] if log else None
-
-        if ref is not None and is_complete(ref["version"]) and (last is None or last["seq"] <= ref["seq"]):
-            if last is None or last["seq"] < ref["seq"]:  # killed between the ref move and its log entry
-                report.add("reflog-behind", path, f"the ref log lacks {path}'s latest move")
-                if repair:
-                    self._append_log(ref, data)
-                    report.repaired.append(f"{path}: logged move {ref['seq']}")
-            return
-        if ref is None and data is None:
-            report.add("missing-ref", path, f"{path} is missing (moves in its ref log: {len(log)})")
-        elif ref is not None and not is_complete(ref["version"]):
-            report.add("ref-to-incomplete", path, f"{path} points at {ref['version']}, missing or incomplete")
-        elif ref is not None:
-            report.add("ref-behind", path, f"{path} is at move {ref['seq']}, its ref log at {last['seq']}")
-        if not repair:
-            return
-        for entry in reversed(log):  # the newest logged move whose version is complete
-            if not is_complete(entry["version"]):
-                continue
-            if entry is last:  # the ref becomes exactly its last logged move
-                payload = self.backend.read(f"{log_dir}/{entry['seq']:010d}.json")
-            else:  # the newest moves name lost versions: a new move back to a sound one
-                entry = {"ref": f"{kind}/{name}", "seq": max(last["seq"], ref["seq"] if ref else 0) + 1,
-                         "version": entry["version"], "previous": ref["version"] if ref else None,
-                         "action": "repair", "at": _now()}
-                payload = json.dumps(entry, sort_keys=True).encode()
-            if not self.backend.replace_if(path, payload, token):
-                report.add("ref-moved", path, f"{path} moved during fsck: run it again")
-                return
-            self._append_log(entry, payload)
-            report.repaired.append(f"{path}: set to {entry['version']} (move {entry['seq']})")
-            return
-        report.add("unrepairable-ref", path, f"no logged move of {path} names a complete version")
-
+        return maintenance.fsck(self, repair)
