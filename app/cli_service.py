@@ -128,12 +128,15 @@ def worker(
     """Run one worker: loads the model once and serves generations and edits from it."""
     import logging
 
+    from workers.settings import WorkerSettings
     from workers.worker import run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = _settings(store=store, model=model, redis_url=redis_url, threads=threads)
+    # workers/ reads its own settings class: hand it the fields it has, as resolved here
+    ours = WorkerSettings(**settings.model_dump(include=set(WorkerSettings.model_fields)))
     try:
-        run_worker(settings, [q.strip() for q in queues.split(",") if q.strip()], burst=burst)
+        run_worker(ours, [q.strip() for q in queues.split(",") if q.strip()], burst=burst)
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None

@@ -10,7 +10,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
-from app import protocol
+from workers import protocol
 
 log = logging.getLogger("lmedit.api")
 

@@ -27,9 +27,9 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus, Retry
 from rq.serializers import JSONSerializer
 
-from app import protocol
 from app.errors import Conflict, InvalidRequest, QueueFull, Unavailable
 from app.settings import Settings
+from workers import protocol
 
 log = logging.getLogger("lmedit.api")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import yaml
 from typer.main import get_command
 
-from app import protocol
 from app.cli import app as cli_app
 from app.settings import Settings
+from workers import protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {f"LMEDIT_{name.upper()}" for name in Settings.model_fields}

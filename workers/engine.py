@@ -13,20 +13,20 @@ import signal
 import redis
 import torch
 
-from app.settings import Settings, get_settings
 from editing.model import load_model
 from editing.session import EditSession
+from workers.settings import WorkerSettings, get_settings
 
 log = logging.getLogger("lmedit.worker")
 
 
-def worker_threads(settings: Settings) -> int:
+def worker_threads(settings: WorkerSettings) -> int:
     """torch threads for a worker: LMEDIT_THREADS, else every core but one (the API and Redis need one)."""
     return settings.threads or max(1, (os.cpu_count() or 2) - 1)
 
 
 class Engine:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: WorkerSettings):
         self.settings = settings
         torch.set_num_threads(worker_threads(settings))
         self.lm = load_model(settings.model, device=settings.device, cache_dir=settings.cache_dir)

@@ -1,4 +1,4 @@
-"""RQ job functions, enqueued by name with JSON payloads (see app/protocol.py).
+"""RQ job functions, enqueued by name with JSON payloads (see workers/protocol.py).
 
 apply_edit: applies one accepted edit to its branch, in acceptance order, on the resident model.
 generate:   completes one or more prompts from one version (one batch), pushes the result (or a
@@ -16,12 +16,12 @@ from rq.job import Job, JobStatus, Retry
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from app import protocol
 from editing.facts import Fact
 from editing.generate import complete
 from editing.hparams import DEFAULT_OBJECTIVE, choose_method
 from editing.store import ConflictError, CorruptObjectError, NotFoundError, StoreError
 from editing.train import EditCanceled, EditError, StepInfo
+from workers import protocol
 from workers.engine import get_engine
 
 log = logging.getLogger("lmedit.worker")

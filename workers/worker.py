@@ -24,8 +24,8 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, WorkerStatus
 
-from app import protocol
-from app.settings import Settings
+from workers import protocol
+from workers.settings import WorkerSettings
 
 log = logging.getLogger("lmedit.worker")
 
@@ -33,7 +33,7 @@ log = logging.getLogger("lmedit.worker")
 class ResidentWorker(SimpleWorker):
     """Runs jobs in this process (the resident model) and keeps beating while it does."""
 
-    def __init__(self, queues: list[str], *, settings: Settings, connection: redis.Redis, **kwargs):
+    def __init__(self, queues: list[str], *, settings: WorkerSettings, connection: redis.Redis, **kwargs):
         super().__init__(
             queues, connection=connection, serializer=JSONSerializer, worker_ttl=max(5, settings.worker_ttl_s),
             maintenance_interval=settings.maintenance_interval_s,
@@ -132,7 +132,7 @@ class ResidentWorker(SimpleWorker):
                 pass
 
 
-def run_worker(settings: Settings, queues: list[str], burst: bool = False, name: str | None = None) -> None:
+def run_worker(settings: WorkerSettings, queues: list[str], burst: bool = False, name: str | None = None) -> None:
     """Load the model, then serve `queues` (in order of priority) until stopped."""
     from workers.engine import Engine, set_engine
 

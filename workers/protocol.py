@@ -1,6 +1,7 @@
 """What app/ and workers/ agree on: queue names, job function names, Redis keys, payload shapes.
 
-Torch-free and HTTP-free: the API imports it to enqueue, the workers to run and report.
+workers/ owns this contract. Torch-free, HTTP-free and importing nothing of the project: it is the one
+module of workers/ that app/ imports (the API enqueues with it; the workers run and report with it).
 Jobs are enqueued by name with JSON payloads (RQ's JSONSerializer): no pickle of client data.
 """
 

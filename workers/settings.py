@@ -1,0 +1,33 @@
+"""The workers' own settings (pydantic-settings, environment variables `LMEDIT_*`).
+
+Only the fields a worker reads. Names and defaults are those of app/settings.py, so that one environment
+configures both sides (tests/test_layers.py checks that they agree); workers/ never imports app/.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LMEDIT_", extra="ignore")
+
+    # --- model and store ---
+    model: str = "smollm2"  # "smollm2" (embedded), a local HF folder or a .gguf file
+    store: str = "./lmedit-store"  # a local folder or an fsspec URL (s3://bucket/prefix)
+    cache_dir: str | None = None  # where a GGUF's fp32 weights are cached (~/.cache/lmedit)
+    device: str | None = None  # "cuda", "cpu"; default: CUDA when present
+    threads: int | None = None  # torch intra-op threads (default: every core but one)
+
+    # --- queue ---
+    redis_url: str = "redis://127.0.0.1:6399/0"
+    worker_heartbeat_s: float = 5.0  # heartbeat period while idle or busy
+    worker_ttl_s: int = 30  # a worker silent this long is dead; its job is retried by another
+    maintenance_interval_s: int = 15  # how often workers look for abandoned jobs
+
+
+@lru_cache
+def get_settings() -> WorkerSettings:
+    return WorkerSettings()
