@@ -37,8 +37,9 @@ def slow_facts(n: int = 32) -> list[dict]:
 class Stack:
     """valkey-server + workers + API processes, stopped (by pid) on close."""
 
-    def __init__(self, root: Path, model: str, env: dict | None = None):
+    def __init__(self, root: Path, model: str, env: dict | None = None, worker_module: str = "app"):
         self.root = root
+        self.worker_module = worker_module  # tests.fault_worker: a worker with fault hooks
         self.store = root / "store"
         self.redis_port = free_port()
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
@@ -68,13 +69,15 @@ class Stack:
         """Start valkey-server again on the same port and data."""
         self.valkey = start_valkey(self.redis_port, self.root / "redis", self.root / "valkey.log")
 
-    def _spawn(self, args: list[str], log_name: str, env: dict | None = None) -> subprocess.Popen:
+    def _spawn(self, args: list[str], log_name: str, env: dict | None = None, module: str = "app") -> subprocess.Popen:
         log = open(self.root / log_name, "ab")  # noqa: SIM115 - the child writes it
-        return subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT, env=self.env | (env or {}),
+        return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=self.env | (env or {}),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def start_worker(self, queues: str = "generate,edits", env: dict | None = None) -> subprocess.Popen:
-        proc = self._spawn(["worker", "--queues", queues], f"worker-{len(self.workers)}.log", env)
+    def start_worker(self, queues: str = "generate,edits", env: dict | None = None,
+                     module: str | None = None) -> subprocess.Popen:
+        proc = self._spawn(["worker", "--queues", queues], f"worker-{len(self.workers)}.log", env,
+                           module or self.worker_module)
         self.workers.append(proc)
         return proc
 
@@ -144,12 +147,13 @@ def poll_edit(client: httpx.Client, job_id: str, until=("succeeded", "failed", "
 
 
 @contextmanager
-def tiny_stack(root: Path, workers: tuple[str, ...] = ("generate,edits",), env: dict | None = None) -> Iterator[Stack]:
+def tiny_stack(root: Path, workers: tuple[str, ...] = ("generate,edits",), env: dict | None = None,
+               worker_module: str = "app") -> Iterator[Stack]:
     """A running stack on a tiny llama saved under `root`: one worker per entry of `workers` (its
     queues), the API, ready; everything stopped on exit."""
     from tests.tiny import save_tiny, tiny_llama
 
-    s = Stack(root, str(save_tiny(tiny_llama(), root / "tiny-llama")), env=env)
+    s = Stack(root, str(save_tiny(tiny_llama(), root / "tiny-llama")), env=env, worker_module=worker_module)
     try:
         for queues in workers:
             s.start_worker(queues=queues)

@@ -59,3 +59,10 @@ def test_worker_settings_agree_with_the_api_settings():
         assert name in Settings.model_fields, name
         assert field.default == Settings.model_fields[name].default, name
     assert WorkerSettings.model_config["env_prefix"] == Settings.model_config["env_prefix"]
+
+
+def test_no_test_hooks_in_production_code():
+    """Fault injection lives in tests/fault_worker.py, not behind environment variables in the service."""
+    hits = [str(p.relative_to(ROOT)) for d in ("app", "workers", "editing") for p in (ROOT / d).rglob("*.py")
+            if "LMEDIT_TEST_" in p.read_text() or "_move_ref = " in p.read_text()]
+    assert not hits, hits

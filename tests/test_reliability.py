@@ -1,6 +1,6 @@
 """Issue #6 (reliability and security) on a tiny llama: real valkey-server, two real `lmedit worker`
 processes and a real uvicorn API, over HTTP on 127.0.0.1. Covers what tests/test_service*.py do not:
-the bad-input battery (with a NaN loss forced by the worker's LMEDIT_TEST_FORCE_NAN test hook), many
+the bad-input battery (with a NaN loss forced by tests/fault_worker.py's FAULT_FORCE_NAN hook), many
 concurrent edits on one branch, generation while edits land, an API restart under running jobs, a corrupt
 delta blob, and the auth gaps (revocation, keys never logged or stored, JSON job payloads).
 Tests run in file order; the auth test comes last because it turns keys on for the stack."""
@@ -24,17 +24,18 @@ import redis
 from tests.service import ROOT, SLOW_HPARAMS, poll_edit, slow_facts, tiny_stack, wait_for
 from tests.test_service_auth import cli
 
-NAN_TARGET = "Divergence"  # the worker's test hook trains edits to this target on a NaN loss
+NAN_TARGET = "Divergence"  # the fault worker's hook trains edits to this target on a NaN loss
 FAST_HPARAMS = {"layers": [0], "positions": "all", "lr": 0.05, "steps": 2, "stop": "none"}
 LIMITS = {"LMEDIT_MAX_FACTS": "40", "LMEDIT_MAX_PROMPT_CHARS": "300", "LMEDIT_MAX_NEW_TOKENS": "64",
-          "LMEDIT_TEST_FORCE_NAN": NAN_TARGET}
+          "FAULT_FORCE_NAN": NAN_TARGET}
 PROMPT = "The Eiffel Tower is in"
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    with tiny_stack(root, workers=("generate,edits", "generate,edits"), env=LIMITS) as s:
+    with tiny_stack(root, workers=("generate,edits", "generate,edits"), env=LIMITS,
+                    worker_module="tests.fault_worker") as s:
         yield s
 
 

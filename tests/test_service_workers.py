@@ -63,7 +63,7 @@ def test_a_worker_killed_during_the_store_commit_leaves_one_version_and_no_orpha
 
     s = Stack(tmp_path, str(save_tiny(tiny_llama(), tmp_path / "tiny-llama")))
     try:
-        dying = s.start_worker(env={"LMEDIT_TEST_KILL_IN_COMMIT": "1"})
+        dying = s.start_worker(env={"FAULT_KILL_IN_COMMIT": "1"}, module="tests.fault_worker")
         s.start_api()
         s.wait_ready(workers=1)
         with httpx.Client(base_url=s.url, timeout=60) as client:

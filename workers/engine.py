@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 
 import redis
 import torch
@@ -33,51 +32,7 @@ class Engine:
         self.session = EditSession(self.lm, settings.store)  # creates the store on first use
         self.store = self.session.store
         self.redis = redis.Redis.from_url(settings.redis_url)
-        if os.environ.get("LMEDIT_TEST_FORCE_NAN"):
-            _install_force_nan_hook(self.session, os.environ["LMEDIT_TEST_FORCE_NAN"])
-        if os.environ.get("LMEDIT_TEST_KILL_IN_COMMIT"):
-            _install_kill_in_commit_hook(self.store)
         log.info("model %s loaded (%s threads); store %s", settings.model, torch.get_num_threads(), settings.store)
-
-
-def _install_force_nan_hook(session: EditSession, marker: str) -> None:
-    """TEST HOOK, only installed when LMEDIT_TEST_FORCE_NAN is set in the worker's environment (the
-    reliability tests set it; nothing else does): an edit with a fact whose target_new equals the variable's
-    value trains on a NaN loss (editing.train.objective_loss is wrapped), as a diverging edit would."""
-    import editing.train as train
-
-    real_loss, real_edit = train.objective_loss, session.edit
-    active = [False]
-
-    def objective_loss(*args, **kwargs):
-        loss, stats = real_loss(*args, **kwargs)
-        return (loss * float("nan") if active[0] else loss), stats
-
-    def edit(facts, *args, **kwargs):
-        active[0] = any(getattr(f, "target_new", None) == marker for f in facts)
-        try:
-            return real_edit(facts, *args, **kwargs)
-        finally:
-            active[0] = False
-
-    train.objective_loss = objective_loss
-    session.edit = edit
-    log.warning("TEST HOOK LMEDIT_TEST_FORCE_NAN is set: edits to %r train on a NaN loss", marker)
-
-
-def _install_kill_in_commit_hook(store) -> None:
-    """TEST HOOK, only installed when LMEDIT_TEST_KILL_IN_COMMIT is set in the worker's environment (a
-    reliability test sets it): the worker SIGKILLs itself in the middle of a commit, after the delta blob
-    and the manifest are written and before the branch ref moves, as a crash there would."""
-    real_move_ref = store._move_ref
-
-    def move_ref(kind, name, old, new, action):
-        if action == "commit":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real_move_ref(kind, name, old, new, action)
-
-    store._move_ref = move_ref
-    log.warning("TEST HOOK LMEDIT_TEST_KILL_IN_COMMIT is set: this worker dies in its first commit")
 
 
 _engine: Engine | None = None

@@ -1,0 +1,75 @@
+"""`lmedit worker` with fault hooks, for the reliability tests: `python -m tests.fault_worker worker ...`.
+
+The hooks live here, not in production code. Each is switched on by a variable in the worker's environment
+and installed on the engine right after it is built (workers.engine.Engine.__init__ is wrapped); then the
+normal CLI runs:
+- FAULT_FORCE_NAN=<target>: an edit with a fact whose target_new is <target> trains on a NaN loss
+  (editing.train's objective_loss is wrapped), as a diverging edit would;
+- FAULT_KILL_IN_COMMIT=1: the worker SIGKILLs itself in its first commit, after the delta blob and the
+  manifest are written and before the branch ref moves, as a crash there would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger("lmedit.worker")
+
+
+def force_nan(session, marker: str) -> None:
+    import editing.train as train
+
+    real_loss, real_edit = train.objective_loss, session.edit
+    active = [False]
+
+    def objective_loss(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return (loss * float("nan") if active[0] else loss), stats
+
+    def edit(facts, *args, **kwargs):
+        active[0] = any(getattr(f, "target_new", None) == marker for f in facts)
+        try:
+            return real_edit(facts, *args, **kwargs)
+        finally:
+            active[0] = False
+
+    train.objective_loss = objective_loss
+    session.edit = edit
+    log.warning("FAULT HOOK: edits to %r train on a NaN loss", marker)
+
+
+def kill_in_commit(store) -> None:
+    real_move_ref = store._move_ref
+
+    def move_ref(kind, name, old, new, action):
+        if action == "commit":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_move_ref(kind, name, old, new, action)
+
+    store._move_ref = move_ref
+    log.warning("FAULT HOOK: this worker dies in its first commit")
+
+
+def install(env: dict[str, str]) -> None:
+    """Wrap Engine.__init__ so that every engine this process builds gets the hooks `env` asks for."""
+    from workers.engine import Engine
+
+    real_init = Engine.__init__
+
+    def init(self, settings) -> None:
+        real_init(self, settings)
+        if env.get("FAULT_FORCE_NAN"):
+            force_nan(self.session, env["FAULT_FORCE_NAN"])
+        if env.get("FAULT_KILL_IN_COMMIT"):
+            kill_in_commit(self.store)
+
+    Engine.__init__ = init
+
+
+if __name__ == "__main__":
+    install(dict(os.environ))
+    from app.cli import main
+
+    main()
