@@ -204,7 +204,7 @@ def fsck(
 
 
 def gc(
-    grace_seconds: Annotated[float, typer.Option("--grace-seconds", help="Keep younger blobs.")] = 3600.0,
+    grace_seconds: Annotated[float, typer.Option("--grace-seconds", help="Keep younger blobs (min 60).")] = 3600.0,
     store: StoreOption = None,
 ) -> None:
     """Remove blobs that no manifest names (left by crashes), older than the grace period."""

@@ -24,8 +24,14 @@ def is_tmp(path: str) -> bool:
     return path.rsplit("/", 1)[-1].startswith(TMP_PREFIX)
 
 
+class LockTimeout(TimeoutError):
+    """Another writer held a file lock for longer than `LocalBackend.lock_timeout`."""
+
+
 class LocalBackend:
     """A local directory. Atomic writes by temporary file + rename; CAS under a file lock."""
+
+    lock_timeout = 60.0  # seconds to wait for another writer's lock on a ref; then TimeoutError
 
     def __init__(self, root: str | Path, durable: bool = True):
         self.root = Path(root)
@@ -37,8 +43,20 @@ class LocalBackend:
     def read(self, rel: str) -> bytes:
         return self._path(rel).read_bytes()
 
+    def _mkdirs(self, path: Path) -> None:
+        """`mkdir -p`, with each new level fsynced in its parent: a file fsynced in a new
+        directory is lost on power loss if the directory's own entry is."""
+        missing = []
+        while not path.is_dir():
+            missing.append(path)
+            path = path.parent
+        for level in reversed(missing):
+            # A concurrent writer may have made it and not yet synced it: sync it either way.
+            level.mkdir(exist_ok=True)
+            self._sync_dir(level.parent)
+
     def _write_tmp(self, path: Path, data: bytes) -> str:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdirs(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -90,12 +108,19 @@ class LocalBackend:
 
     @contextlib.contextmanager
     def _lock(self, rel: str) -> Iterator[None]:
-        from filelock import FileLock  # lazy: `app/` lists versions without needing it
+        from filelock import FileLock, Timeout  # lazy: `app/` lists versions without needing it
 
         lock_dir = self.root / "locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(lock_dir / (rel.replace("/", "~") + ".lock"), timeout=60):
+        self._mkdirs(lock_dir)
+        lock = FileLock(lock_dir / (rel.replace("/", "~") + ".lock"), timeout=self.lock_timeout)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise LockTimeout(f"{rel} is locked by another writer") from None
+        try:
             yield
+        finally:
+            lock.release()
 
     def read_versioned(self, rel: str) -> tuple[bytes | None, Any]:
         try:

@@ -44,8 +44,18 @@ class FsckReport:
         return dataclasses.asdict(self) | {"ok": self.ok}
 
 
+# A commit writes its blob, then the manifest that names it: until then the blob looks like an
+# orphan, and so does a blob gc lists just after a commit lands (gc reads the manifests first).
+# Only age tells them apart, so no grace is shorter than this, `--grace-seconds 0` included. A
+# commit takes milliseconds from blob to manifest; the margin covers a stalled writer and, on
+# S3, the skew between this clock and the server's modification times.
+MIN_GRACE_SECONDS = 60.0
+
+
 def gc(store: VersionStore, grace_seconds: float = 3600.0) -> dict:
-    """Remove blobs that no manifest names (and temporary files), older than the grace period."""
+    """Remove blobs that no manifest names (and temporary files), older than the grace period
+    (at least MIN_GRACE_SECONDS, so that gc never removes the blob of a commit in flight)."""
+    grace_seconds = max(grace_seconds, MIN_GRACE_SECONDS)
     referenced = set()
     for path in store.backend.list("versions"):
         if _is_tmp(path):
@@ -76,7 +86,7 @@ def gc(store: VersionStore, grace_seconds: float = 3600.0) -> dict:
         store.backend.delete(path)
         removed.append(path)
         freed += size
-    return {"removed": removed, "kept": kept, "bytes_freed": freed}
+    return {"removed": removed, "kept": kept, "bytes_freed": freed, "grace_seconds": grace_seconds}
 
 
 def fsck(store: VersionStore, repair: bool = False) -> FsckReport:

@@ -26,7 +26,8 @@ move that did not happen, and never loses one unless the ref is lost in the same
 A commit writes the blob, then the manifest, then moves the branch; each write is atomic
 (temporary file + rename locally; a single PUT on S3). A process killed at any point
 leaves at worst an unreferenced blob or manifest, which `gc` removes after a grace
-period; every ref always names a complete version.
+period (never under 60 s, so a commit in flight keeps its blob); every ref always names a
+complete version.
 
 The `base` version stands for the unedited model: its manifest has no parent and no
 delta, and carries the model's fingerprint. Its id depends on the fingerprint alone, so
@@ -59,7 +60,7 @@ import re
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from editing.backends import FsspecBackend, LocalBackend, _backend_for
+from editing.backends import FsspecBackend, LocalBackend, LockTimeout, _backend_for
 from editing.backends import is_tmp as _is_tmp
 
 if TYPE_CHECKING:
@@ -473,22 +474,26 @@ class VersionStore:
 
     def _move_ref(self, kind: str, name: str, expected: str | None, new: str, action: str) -> dict:
         """Compare-and-swap ref `kind/name` from version `expected` (None: must not exist) to `new`."""
-        path = f"refs/{kind}/{name}"
+        path, what = f"refs/{kind}/{name}", {"branches": "branch", "tags": "tag"}[kind]
         data, token = self.backend.read_versioned(path)
         current = json.loads(data) if data is not None else None
         if (current["version"] if current else None) != expected:
             raise ConflictError(
-                f"{kind[:-1]} {name!r} is at {current['version'] if current else 'nothing'}, not {expected}"
+                f"{what} {name!r} is at {current['version'] if current else 'nothing'}, not {expected}"
             )
         if current is not None:
             self._append_log(current, data)  # backfill, if the previous mover crashed before logging
         entry = {"ref": f"{kind}/{name}", "seq": (current["seq"] if current else 0) + 1, "version": new,
                  "previous": expected, "action": action, "at": _now()}
         payload = json.dumps(entry, sort_keys=True).encode()
-        if not self.backend.replace_if(path, payload, token):
+        try:
+            moved = self.backend.replace_if(path, payload, token)
+        except LockTimeout:  # another writer holds the ref's lock (or hangs while holding it)
+            raise ConflictError(f"{what} {name!r} is locked by another writer; try again") from None
+        if not moved:
             # A retried request whose first try landed (S3) looks like a conflict: check.
             if self.backend.read_versioned(path)[0] != payload:
-                raise ConflictError(f"{kind[:-1]} {name!r} moved concurrently")
+                raise ConflictError(f"{what} {name!r} moved concurrently")
         self._append_log(entry, payload)
         return entry
 
@@ -505,7 +510,8 @@ class VersionStore:
 
     # --- maintenance (editing/maintenance.py) --------------------------------------------------
     def gc(self, grace_seconds: float = 3600.0) -> dict:
-        """Remove blobs that no manifest names (and temporary files), older than the grace period."""
+        """Remove blobs that no manifest names (and temporary files), older than the grace period
+        (at least `maintenance.MIN_GRACE_SECONDS`, 60 s: a commit in flight keeps its blob)."""
         from editing import maintenance
 
         return maintenance.gc(self, grace_seconds)

@@ -11,11 +11,14 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from editing import maintenance
 from editing.delta import Delta, LoraFactors
+from editing.maintenance import MIN_GRACE_SECONDS
 from editing.store import (
     BaseMismatchError,
     ConflictError,
@@ -221,6 +224,62 @@ def test_gc_removes_only_old_unreferenced_blobs(tmp_path: Path, st: VersionStore
     assert st.load_delta("main").names() == [DOWN]
 
 
+def test_gc_keeps_the_blob_of_a_commit_in_flight(tmp_path: Path, st: VersionStore, monkeypatch):
+    orphan = tmp_path / "store" / "objects" / "aa" / ("aa" * 32)
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"left by a crash an hour ago")
+    os.utime(orphan, (time.time() - 3600, time.time() - 3600))
+    runs = []
+    write = st.backend.write
+
+    def gc_before_the_manifest(rel: str, data: bytes) -> None:
+        if rel.startswith("versions/"):  # the commit has written its blob, not yet its manifest
+            runs.append(VersionStore.open(tmp_path / "store").gc(grace_seconds=0))
+        write(rel, data)
+
+    monkeypatch.setattr(st.backend, "write", gc_before_the_manifest)
+    m = commit(st, seed=1)
+    assert runs[0]["removed"] == ["objects/aa/" + "aa" * 32]  # grace 0 still removes old orphans
+    assert runs[0]["grace_seconds"] == MIN_GRACE_SECONDS
+    assert torch.equal(st.load_delta(m["id"]).dense[DOWN], dense(1).dense[DOWN])
+    assert VersionStore.open(tmp_path / "store").fsck().ok
+
+
+def test_new_directories_are_fsynced_in_their_parent(tmp_path: Path, monkeypatch):
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    st = VersionStore.open(tmp_path / "new" / "store", base_fingerprint=FP)
+    commit(st, seed=1)
+    made = [tmp_path / "new", *(p for p in (tmp_path / "new").rglob("*") if p.is_dir())]
+    assert len(made) > 8  # store, objects/ab, versions, refs/branches, reflog/branches/main, locks, ...
+    assert {str(d.parent) for d in made} <= set(synced)
+
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys
+    from editing.backends import LocalBackend
+    with LocalBackend(sys.argv[1])._lock("refs/branches/main"):
+        print("locked", flush=True)
+        sys.stdin.read()
+""")
+
+
+def test_a_locked_ref_is_a_clear_conflict(tmp_path: Path, st: VersionStore, monkeypatch):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "store")], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        monkeypatch.setattr(st.backend, "lock_timeout", 0.2)
+        with pytest.raises(ConflictError, match="branch 'main' is locked by another writer; try again"):
+            commit(st, seed=1)
+    finally:
+        holder.communicate("")
+    assert holder.returncode == 0
+    assert st.head("main") == st.base_id
+    assert commit(st, seed=1)["parent"] == st.base_id  # free again: the next try goes through
+
+
 def test_fsck_repair_rebuilds_refs_from_the_ref_log(tmp_path: Path, st: VersionStore):
     v1, v2 = commit(st, seed=1)["id"], commit(st, seed=2)["id"]
     st.tag("release", v2)
@@ -320,9 +379,11 @@ def test_a_commit_killed_midway_leaves_a_sound_store(crashed, point: str):
         for v in st.ancestry(vid):
             st.load_delta(v)
     moved = point == "after-ref-move"
-    assert head == (st.head("main") if moved else first)
-    if moved:
+    if moved:  # the ref moved before the kill: main is the crashed commit, a child of `first`
+        assert head != first and st.get(head)["parent"] == first
         assert st.get(head)["job_id"] == "job-crash"
+    else:
+        assert head == first
 
     report = st.fsck()
     expected = {"reflog-behind"} if moved else set()  # killed between the ref move and its log entry
@@ -339,7 +400,11 @@ def test_a_commit_killed_midway_leaves_a_sound_store(crashed, point: str):
     assert st.fsck().ok
     if point == "mid-blob":
         assert any("temporary file" in n for n in st.fsck().notes)
-        assert st.gc(grace_seconds=0)["removed"]
+        assert not st.gc(grace_seconds=0)["removed"]  # younger than gc's minimum grace
+        hour_ago = time.time() - 3600
+        for f in (path / "objects").rglob("*"):
+            os.utime(f, (hour_ago, hour_ago))
+        assert [p.split("/")[-1][:5] for p in st.gc(grace_seconds=0)["removed"]] == [".tmp-"]
 
 
 # --- size on disk -----------------------------------------------------------------------------
@@ -477,8 +542,12 @@ def test_s3_store(s3_options, monkeypatch):
 
     assert [m["id"] for m in other.versions()] == [v1["id"], other.base_id]
     other.backend.write("objects/ab/" + "ab" * 32, b"an orphan")
+    assert other.gc(grace_seconds=0)["removed"] == []  # younger than gc's minimum grace
+    now = time.time()
+    monkeypatch.setattr(maintenance, "time", SimpleNamespace(time=lambda: now + 2 * MIN_GRACE_SECONDS))
     assert other.gc(grace_seconds=0)["removed"] == ["objects/ab/" + "ab" * 32]
     assert other.gc(grace_seconds=0)["removed"] == []
+    monkeypatch.undo()
 
     other.backend.fs.rm("lmedit/store/refs", recursive=True)
     assert not other.fsck().ok
