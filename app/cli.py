@@ -11,13 +11,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from app import cli_service, cli_store
+from app import cli_export, cli_service, cli_store
 from app.settings import get_settings
 from editing.hparams import DEFAULT_METHOD, DEFAULT_OBJECTIVE, METHODS, OBJECTIVES
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="lmedit: versioned knowledge edits.")
 cli_store.register(app)
 cli_service.register(app)
+cli_export.register(app)
 console = Console(stderr=True)
 
 MODEL_HELP = "Model: 'smollm2' (embedded), a local HF folder or .gguf file [env LMEDIT_MODEL]"
