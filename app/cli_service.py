@@ -188,18 +188,6 @@ def _port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _stop(name: str, proc: subprocess.Popen, grace: float) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        err.print(f"{name} did not stop within {grace:.0f} s: killing it")
-        proc.kill()
-        proc.wait()
-
-
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -223,26 +211,18 @@ def up(
     redis_port: Annotated[int, typer.Option(help="Port of the embedded valkey-server")] = EMBEDDED_REDIS_PORT,
     model: Annotated[str | None, typer.Option(help="Model [env LMEDIT_MODEL]")] = None,
 ) -> None:
-    """Start everything: an embedded valkey-server (unless a Redis URL is given), the workers and the API.
-    Ctrl-C stops all of them."""
+    """Start everything: an embedded valkey-server (unless a Redis URL is given), the workers and the API,
+    and keep them running: a child that dies is restarted (with backoff); one that dies 5 times within a
+    minute stops everything (exit 1). Ctrl-C or SIGTERM stops all of them."""
+    from app.supervisor import GaveUp, Supervisor
+
     settings = _settings(store=store, model=model, host=host, port=port)
     _refuse_open_bind(settings)
     redis_url = redis_url or os.environ.get("LMEDIT_REDIS_URL")
     store_dir = Path(settings.store) if "://" not in settings.store else Path("lmedit-redis")
-    children: list[tuple[str, subprocess.Popen]] = []
-    stopping = False
-
-    def shutdown(*_):
-        nonlocal stopping
-        if stopping:
-            return
-        stopping = True
-        err.print("stopping …")
-        for name, proc in reversed(children):  # API first, then workers, Redis last
-            _stop(name, proc, grace=5 if name == "api" else 10)
-        err.print("stopped")
-
+    sup = Supervisor(lambda line: err.print(line))
     signal.signal(signal.SIGTERM, _interrupt)
+    failure: str | None = None
     try:
         if redis_url is None:
             if _port_in_use(redis_port):
@@ -250,7 +230,7 @@ def up(
                           "--redis-port, or --redis-url to use that server")
                 raise typer.Exit(1)
             data_dir = store_dir / "redis"
-            children.append(("valkey-server", start_valkey(redis_port, data_dir, data_dir / "valkey.log")))
+            sup.add("valkey-server", lambda: start_valkey(redis_port, data_dir, data_dir / "valkey.log"), grace_s=10)
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
             err.print(f"valkey-server on 127.0.0.1:{redis_port} (AOF in {data_dir})")
         cores = os.cpu_count() or 2
@@ -260,30 +240,43 @@ def up(
                             "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         cli = [sys.executable, "-m", "app"]
+
+        def spawn(*args: str):
+            return lambda: subprocess.Popen(cli + list(args), env=env, start_new_session=True)
+
         for i in range(workers):
             queues = "generate" if workers >= 2 and i == 0 else "generate,edits"
-            children.append((f"worker {i + 1} ({queues})", subprocess.Popen(
-                cli + ["worker", "--queues", queues], env=env, start_new_session=True)))
-        children.append(("api", subprocess.Popen(cli + ["api", "--host", host, "--port", str(port)], env=env,
-                                                 start_new_session=True)))
+            sup.add(f"worker {i + 1} ({queues})", spawn("worker", "--queues", queues), grace_s=10)
+        sup.add("api", spawn("api", "--host", host, "--port", str(port)), grace_s=5)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         err.print(f"starting {workers} worker(s) ({threads} torch thread(s) each) and the API; loading the model …")
         announced = False
-        while True:
-            for name, proc in children:
-                if proc.poll() is not None:
-                    err.print(f"[red]{name} exited with {proc.returncode}[/red]")
-                    raise typer.Exit(1)
+
+        def announce() -> None:
+            nonlocal announced
             if not announced and _ready(url):
                 announced = True
                 out.print(f"[green]ready[/green]: {url}  (docs: {url}/docs)\n"
                           f"  curl '{url}/generate?prompt=The+Eiffel+Tower+is+located+in+the+city+of"
                           f"&max_new_tokens=8'\n  Ctrl-C stops everything.")
-            time.sleep(0.5)
+
+        sup.run(on_tick=announce)
+    except GaveUp as e:
+        failure = str(e)
+    except (OSError, RuntimeError) as e:  # a child could not start at all (valkey-server: port taken)
+        failure = f"could not start: {e}"
     except KeyboardInterrupt:
         pass
     finally:
-        shutdown()
+        # a second Ctrl-C must not cut the shutdown short: children get SIGTERM, then SIGKILL after a grace
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        err.print("stopping …")
+        sup.stop()
+        err.print("stopped")
+    if failure:
+        err.print(f"[red]error:[/red] {failure}")
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
