@@ -81,3 +81,78 @@ def test_a_worker_killed_during_the_store_commit_leaves_one_version_and_no_orpha
         assert report.ok, report.to_dict()
     finally:
         s.close()
+
+
+# --- order under a transient Redis error (real valkey; the error is injected around the fetch) --------------
+
+
+@pytest.fixture
+def valkey(tmp_path):
+    from app.cli_service import start_valkey
+    from tests.service import free_port
+
+    port = free_port()
+    proc = start_valkey(port, tmp_path / "redis")
+    try:
+        yield redis.Redis(port=port)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _two_pending_edits(conn, branch="main") -> tuple[Job, Job]:
+    """An earlier edit still queued and this one, both on the branch's pending list in that order."""
+    from rq import Queue
+
+    from workers import protocol
+
+    queue = Queue(protocol.EDITS_QUEUE, connection=conn, serializer=JSONSerializer)
+    earlier, this = (queue.enqueue(protocol.APPLY_EDIT, args=[{"branch": branch}], job_id=f"edit-{i}")
+                     for i in range(2))
+    conn.rpush(protocol.pending_key(branch), earlier.id, this.id)
+    return earlier, this
+
+
+def _failing_fetch(monkeypatch, times: int) -> list[int]:
+    """Job.fetch raises redis.ConnectionError the first `times` calls, then works."""
+    real, calls = Job.fetch, [0]
+
+    def fetch(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] <= times:
+            raise redis.ConnectionError("injected: connection reset by peer")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Job, "fetch", fetch)
+    return calls
+
+
+def test_a_transient_redis_error_keeps_the_earlier_edit_ahead(valkey, monkeypatch):
+    from workers import protocol
+    from workers.jobs import _wait_for_turn
+
+    earlier, this = _two_pending_edits(valkey)
+    calls = _failing_fetch(monkeypatch, times=1)
+    assert _wait_for_turn(valkey, this, "main", wait_s=5, cleanup_every_s=60) is False  # steps aside
+    assert calls[0] == 2  # it read the earlier edit again after the blip, and found it queued
+    assert [j.decode() for j in valkey.lrange(protocol.pending_key("main"), 0, -1)] == [earlier.id, this.id]
+
+
+def test_a_lasting_redis_error_makes_the_edit_step_aside_in_order(valkey, monkeypatch):
+    from workers import protocol
+    from workers.jobs import _wait_for_turn
+
+    earlier, this = _two_pending_edits(valkey)
+    _failing_fetch(monkeypatch, times=10**6)
+    assert _wait_for_turn(valkey, this, "main", wait_s=1, cleanup_every_s=60) is False
+    assert [j.decode() for j in valkey.lrange(protocol.pending_key("main"), 0, -1)] == [earlier.id, this.id]
+
+
+def test_only_an_edit_that_is_really_gone_is_skipped(valkey):
+    from workers import protocol
+    from workers.jobs import _wait_for_turn
+
+    earlier, this = _two_pending_edits(valkey)
+    earlier.delete()  # expired: rq's NoSuchJobError
+    assert _wait_for_turn(valkey, this, "main", wait_s=5, cleanup_every_s=60) is True
+    assert [j.decode() for j in valkey.lrange(protocol.pending_key("main"), 0, -1)] == [this.id]

@@ -11,7 +11,9 @@ import json
 import logging
 import time
 
+import redis
 from rq import get_current_job
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus, Retry
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -75,11 +77,17 @@ def _wait_for_turn(conn, job: Job, branch: str, wait_s: float, cleanup_every_s: 
         head_id = head.decode()
         try:
             earlier = Job.fetch(head_id, connection=conn, serializer=JSONSerializer)
-            state = earlier.get_status(refresh=False)
-        except Exception:  # noqa: BLE001 - expired or unreadable: it can no longer run
-            earlier, state = None, None
-        if earlier is None or state in DONE:
-            conn.lrem(pending, 1, head_id)  # it finished without clearing its entry (a crash)
+            state, gone = earlier.get_status(refresh=False), False
+        except NoSuchJobError:  # expired or deleted: it can no longer run (the only job that may be skipped)
+            state, gone = None, True
+        except redis.RedisError:  # a blip: the earlier edit may still run, so it keeps its place
+            log.warning("could not read edit %s ahead of %s: waiting", head_id, job.id, exc_info=True)
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+            continue
+        if gone or state in DONE:
+            conn.lrem(pending, 1, head_id)  # it finished (or expired) without clearing its entry (a crash)
             continue
         if state in WAITING:
             return False
