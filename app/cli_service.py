@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from app.settings import EMBEDDED_REDIS_PORT, Settings, get_settings, keys_file_path
+from app.settings import REDIS_URL_FILE, Settings, get_settings, keys_file_path, store_folder, with_store_redis
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -110,7 +110,7 @@ def api(
 
     from app.main import create_app
 
-    settings = _settings(host=host, port=port, store=store, redis_url=redis_url)
+    settings = with_store_redis(_settings(host=host, port=port, store=store, redis_url=redis_url))
     _refuse_open_bind(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
                 timeout_graceful_shutdown=5)
@@ -132,7 +132,7 @@ def worker(
     from workers.worker import run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = _settings(store=store, model=model, redis_url=redis_url, threads=threads)
+    settings = with_store_redis(_settings(store=store, model=model, redis_url=redis_url, threads=threads))
     # workers/ reads its own settings class: hand it the fields it has, as resolved here
     ours = WorkerSettings(**settings.model_dump(include=set(WorkerSettings.model_fields)))
     try:
@@ -188,6 +188,50 @@ def _port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _embedded_port(settings: Settings, port: int | None) -> int:
+    """The embedded server's port: `--redis-port`, else a free one. Refuses a store that a running
+    `lmedit up` already serves (two servers on one data folder would corrupt its AOF)."""
+    folder = store_folder(settings)
+    running = _read(folder / REDIS_URL_FILE) if folder is not None else None
+    if running:
+        import redis
+
+        try:
+            redis.Redis.from_url(running, socket_timeout=2).ping()
+        except redis.RedisError:
+            pass  # left behind by an up that was killed: take over
+        else:
+            err.print(f"[red]error:[/red] another lmedit up serves the store {settings.store} (Redis {running}): "
+                      "stop it, or use another --store")
+            raise typer.Exit(1)
+    if port is None:
+        with socket.socket() as s:  # the kernel's choice; valkey-server binds it a moment later
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    if _port_in_use(port):
+        err.print(f"[red]error:[/red] port {port} is in use: pass another --redis-port (or none: a free one), "
+                  "or --redis-url to use that server")
+        raise typer.Exit(1)
+    return port
+
+
+def _write_url_file(folder: Path, url: str) -> Path:
+    """STORE/redis.url, written atomically (a reader never sees half a URL)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / REDIS_URL_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(url + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -208,12 +252,14 @@ def up(
     store: Annotated[str | None, typer.Option(help="Version store [env LMEDIT_STORE]")] = None,
     redis_url: Annotated[str | None, typer.Option("--redis-url", help="Use this Redis instead of starting one "
                                                   "[env LMEDIT_REDIS_URL]")] = None,
-    redis_port: Annotated[int, typer.Option(help="Port of the embedded valkey-server")] = EMBEDDED_REDIS_PORT,
+    redis_port: Annotated[int | None, typer.Option(help="Port of the embedded valkey-server [default: a free "
+                                                   "one]")] = None,
     model: Annotated[str | None, typer.Option(help="Model [env LMEDIT_MODEL]")] = None,
 ) -> None:
-    """Start everything: an embedded valkey-server (unless a Redis URL is given), the workers and the API,
-    and keep them running: a child that dies is restarted (with backoff); one that dies 5 times within a
-    minute stops everything (exit 1). Ctrl-C or SIGTERM stops all of them."""
+    """Start everything: an embedded valkey-server on a free loopback port (unless a Redis URL is given; its
+    URL goes to STORE/redis.url for lmedit api / worker started later), the workers and the API, and keep
+    them running: a child that dies is restarted (with backoff); one that dies 5 times in a row, each within
+    a minute of its start, stops everything (exit 1). Ctrl-C or SIGTERM stops all of them."""
     from app.supervisor import GaveUp, Supervisor
 
     settings = _settings(store=store, model=model, host=host, port=port)
@@ -223,16 +269,16 @@ def up(
     sup = Supervisor(lambda line: err.print(line))
     signal.signal(signal.SIGTERM, _interrupt)
     failure: str | None = None
+    url_file: Path | None = None
     try:
         if redis_url is None:
-            if _port_in_use(redis_port):
-                err.print(f"[red]error:[/red] port {redis_port} is in use (another lmedit up?): stop it, or pass "
-                          "--redis-port, or --redis-url to use that server")
-                raise typer.Exit(1)
+            redis_port = _embedded_port(settings, redis_port)
             data_dir = store_dir / "redis"
             sup.add("valkey-server", lambda: start_valkey(redis_port, data_dir, data_dir / "valkey.log"), grace_s=10)
             redis_url = f"redis://127.0.0.1:{redis_port}/0"
             err.print(f"valkey-server on 127.0.0.1:{redis_port} (AOF in {data_dir})")
+            if (folder := store_folder(settings)) is not None:  # for lmedit api / worker started later
+                url_file = _write_url_file(folder, redis_url)
         cores = os.cpu_count() or 2
         threads = settings.threads or max(1, (cores - 1) // workers)
         env = os.environ | {"LMEDIT_REDIS_URL": redis_url, "LMEDIT_STORE": settings.store,
@@ -273,6 +319,8 @@ def up(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         err.print("stopping …")
         sup.stop()
+        if url_file is not None and _read(url_file) == redis_url:
+            url_file.unlink(missing_ok=True)
         err.print("stopped")
     if failure:
         err.print(f"[red]error:[/red] {failure}")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-EMBEDDED_REDIS_PORT = 6399
+DEFAULT_REDIS_PORT = 6399  # where lmedit api / worker look when neither LMEDIT_REDIS_URL nor the store says
+REDIS_URL_FILE = "redis.url"  # in a local store folder: the URL of the server `lmedit up` started for it
 
 
 class Settings(BaseSettings):
@@ -21,7 +22,8 @@ class Settings(BaseSettings):
     threads: int | None = None  # torch intra-op threads (default: torch's choice; workers: cores - 1)
 
     # --- service ---
-    redis_url: str = f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT}/0"  # `lmedit up` starts one here if none is given
+    # Unset: the URL in STORE/redis.url (written by a running `lmedit up`), else this default
+    redis_url: str = f"redis://127.0.0.1:{DEFAULT_REDIS_PORT}/0"
     host: str = "127.0.0.1"  # where `lmedit api` binds (anything but loopback needs API keys)
     port: int = 8000
     keys_file: str | None = None  # API key hashes (default: <store>/keys.json for a local store)
@@ -54,10 +56,29 @@ def get_settings() -> Settings:
     return Settings()
 
 
+def store_folder(settings: Settings) -> Path | None:
+    """The store's local folder, or None for a remote store (s3://...)."""
+    if "://" in settings.store and not settings.store.startswith("file://"):
+        return None
+    return Path(settings.store.removeprefix("file://")).expanduser()
+
+
 def keys_file_path(settings: Settings) -> Path | None:
     """Where API key hashes live: LMEDIT_KEYS_FILE, else keys.json inside a local store."""
     if settings.keys_file:
         return Path(settings.keys_file).expanduser()
-    if "://" in settings.store and not settings.store.startswith("file://"):
-        return None
-    return Path(settings.store.removeprefix("file://")).expanduser() / "keys.json"
+    folder = store_folder(settings)
+    return folder / "keys.json" if folder is not None else None
+
+
+def with_store_redis(settings: Settings) -> Settings:
+    """The Redis URL given (LMEDIT_REDIS_URL, --redis-url) wins; else the one a running `lmedit up` wrote
+    into the store folder, so that `lmedit api` / `lmedit worker` started later find its embedded server."""
+    folder = store_folder(settings)
+    if "redis_url" in settings.model_fields_set or folder is None:
+        return settings
+    try:
+        url = (folder / REDIS_URL_FILE).read_text().strip()
+    except OSError:
+        return settings
+    return settings.model_copy(update={"redis_url": url}) if url else settings

@@ -1,6 +1,7 @@
 """Issue 15: `lmedit up` supervises its children. A worker SIGKILLed (as an out-of-memory kill would)
 while edits are queued is restarted; the API keeps answering and every accepted edit lands exactly
-once. A child that keeps dying stops everything with a non-zero exit and the reason."""
+once. A child that keeps dying stops everything with a non-zero exit and the reason. Two `lmedit up`
+run side by side (each embedded server on a free port, its URL in the store folder)."""
 
 from __future__ import annotations
 
@@ -157,3 +158,45 @@ def test_up_exits_non_zero_when_the_api_cannot_start(tmp_path):
             up.proc.wait(120)
     assert up.proc.returncode == 1, up.output
     assert "api died 5 times in a row" in up.output and "stopped" in up.output
+
+
+def test_two_ups_side_by_side_and_a_later_api_finds_the_stores_redis(tmp_path):
+    model = save_tiny(tiny_llama(), tmp_path / "tiny-llama")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with lmedit_up(tmp_path / "a", model) as a, lmedit_up(tmp_path / "b", model) as b:
+        a.wait_ready()
+        b.wait_ready()
+        url_a, url_b = ((s.store / "redis.url").read_text().strip() for s in (a, b))
+        assert url_a.startswith("redis://127.0.0.1:") and url_a != url_b
+        accepted = httpx.post(a.url + "/edits", json={"facts": [{"prompt": "A fact is about", "target_new": "Rome"}],
+                                                      "hparams": TINY_HPARAMS}, timeout=30).json()
+        assert httpx.get(b.url + f"/edits/{accepted['job_id']}", timeout=30).status_code == 404  # separate
+
+        # a second up on a store that is served already refuses (two servers on one AOF folder)
+        again = subprocess.run([sys.executable, "-m", "app", "up", "--port", str(free_port()), "--store",
+                                str(a.store), "--model", str(model)], cwd=ROOT, capture_output=True, text=True,
+                               env=_env_without_redis_url(), timeout=60)
+        assert again.returncode == 1 and "another lmedit up serves the store" in again.stderr, again.stderr
+
+        # lmedit api started later against store a, with no Redis URL given, uses a's server
+        port = free_port()
+        api = subprocess.Popen([sys.executable, "-m", "app", "api", "--port", str(port), "--store", str(a.store)],
+                               cwd=ROOT, env=_env_without_redis_url(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as later:
+                wait_for(lambda: _answers(later), 60, "the later API")
+                state = later.get(f"/edits/{accepted['job_id']}")
+                assert state.status_code == 200 and state.json()["job_id"] == accepted["job_id"]
+        finally:
+            api.send_signal(signal.SIGTERM)
+            api.wait(30)
+    assert a.proc.returncode == 0 and b.proc.returncode == 0, a.output + b.output
+    assert not (a.store / "redis.url").exists() and not (b.store / "redis.url").exists()  # removed at stop
+
+
+def _env_without_redis_url() -> dict:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env.pop("LMEDIT_REDIS_URL", None)
+    return env
