@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from app import cli_export, cli_service, cli_store
+from app import cli_cache, cli_export, cli_service, cli_store
 from app.settings import get_settings
 from editing.hparams import DEFAULT_METHOD, DEFAULT_OBJECTIVE, METHODS, OBJECTIVES
 
@@ -19,6 +19,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="lmedit: vers
 cli_store.register(app)
 cli_service.register(app)
 cli_export.register(app)
+cli_cache.register(app)
 console = Console(stderr=True)
 
 MODEL_HELP = "Model: 'smollm2' (embedded), a local HF folder or .gguf file [env LMEDIT_MODEL]"

