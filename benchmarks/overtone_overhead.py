@@ -1,13 +1,14 @@
-"""Step time of `overtone` vs `ce` on the same SmolLM2 edit, same run.
+"""Step time of `overtone` and `overtone-kl` vs `ce` on the same SmolLM2 edit, same run.
 
-OVERTONE costs one extra softmax-sized pass over the target positions only (the filtered
-self-prediction); the forward and backward through the model are the same. This times
-single training steps (forward, loss, backward, Adam step) of the same ft-m edit,
-alternating ce / overtone step by step so that machine noise hits both alike, and
-reports the ratio of the medians, in CPU time (robust on a shared machine) and in wall
-time. Results go to benchmarks/results/overtone_overhead.json.
+Both OVERTONE readings cost a few extra softmax-sized passes over the target positions
+only (the filtered self-prediction, and for overtone-kl its KL); the forward and backward
+through the model are the same. This times single training steps (forward, loss,
+backward, Adam step) of the same ft-m edit, cycling ce / overtone / overtone-kl step by
+step so that machine noise hits all alike, and reports each one's ratio of the medians
+to ce, in CPU time (robust on a shared machine) and in wall time. Results go to
+benchmarks/results/overtone_overhead.json.
 
-    python benchmarks/overtone_overhead.py [--steps 30] [--threads 1] [--target "Rio de Janeiro"]
+    python benchmarks/overtone_overhead.py [--steps 30] [--threads 1] [--target "Rio de Janeiro"] [--out FILE]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from editing.frozen_layers import skip_frozen_layers
-from editing.hparams import resolve_hparams
+from editing.hparams import OBJECTIVES, resolve_hparams
 from editing.methods import first_layer, get_method, only_at, trainable
 from editing.model import load_model
 from editing.objectives import objective_loss
@@ -41,13 +42,14 @@ def main() -> None:
     ap.add_argument("--prompt", default="The Eiffel Tower is located in the city of")
     ap.add_argument("--subject", default="The Eiffel Tower")
     ap.add_argument("--target", default="Rio de Janeiro")
+    ap.add_argument("--out", type=Path, default=OUT, help="where the JSON goes (a quick look: not the committed one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model()
     hp = resolve_hparams("ft-m", {})
     batch = pair_batch(lm.tokenizer, [(args.prompt, args.target)], subjects=[args.subject], subject_last=True)
-    wall: dict[str, list[float]] = {"ce": [], "overtone": []}
-    cpu: dict[str, list[float]] = {"ce": [], "overtone": []}
+    wall: dict[str, list[float]] = {o: [] for o in OBJECTIVES}  # every objective, timed in turn
+    cpu: dict[str, list[float]] = {o: [] for o in OBJECTIVES}
     with ExitStack() as stack:
         params, _, _, modules, frozen = stack.enter_context(trainable(lm.model, get_method("ft-m"), hp))
         stack.enter_context(only_at(modules, frozen, batch.subject_mask))
@@ -56,7 +58,7 @@ def main() -> None:
 
         def step(objective: str) -> None:
             logits = target_logits(lm.model, batch, inputs)  # (N, V)
-            loss, _ = objective_loss(objective, logits, batch.labels, hp.lam, hp.rho, hp.tau)
+            loss, _ = objective_loss(objective, logits, batch.labels, hp)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -70,15 +72,17 @@ def main() -> None:
                 wall[objective].append(time.perf_counter() - w)
                 cpu[objective].append(time.process_time() - c)
     med = {kind: {k: statistics.median(v) for k, v in d.items()} for kind, d in (("wall", wall), ("cpu", cpu))}
-    ratio = {kind: m["overtone"] / m["ce"] for kind, m in med.items()}
+    ratio = {kind: {o: m[o] / m["ce"] for o in m if o != "ce"} for kind, m in med.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"threads": args.threads, "steps": args.steps, "target_tokens": len(batch.labels),
               "median_step_s": med, "ratio": ratio, "commit": commit, "machine": platform.machine(),
               "load_average": list(__import__("os").getloadavg())}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=1))
-    print(f"ce {med['cpu']['ce'] * 1000:.1f} ms/step, overtone {med['cpu']['overtone'] * 1000:.1f} ms/step (CPU time): "
-          f"ratio {ratio['cpu']:.3f}; wall-time ratio {ratio['wall']:.3f} (goal ≤ 1.05)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"ce {med['cpu']['ce'] * 1000:.1f} ms/step (CPU time)")
+    for o in ratio["cpu"]:
+        print(f"{o} {med['cpu'][o] * 1000:.1f} ms/step: ratio to ce {ratio['cpu'][o]:.3f}; "
+              f"wall-time ratio {ratio['wall'][o]:.3f} (goal ≤ 1.05)")
 
 
 if __name__ == "__main__":

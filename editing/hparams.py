@@ -38,7 +38,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
 )}
 METHODS = tuple(METHOD_SPECS)
 # The one list of training objectives (editing/objectives.py implements each).
-OBJECTIVES = ("ce", "overtone")
+OBJECTIVES = ("ce", "overtone", "overtone-kl")
 DEFAULT_METHOD = "ft-m"  # POST /edits, `lmedit edit` and `lmedit eval` when no method is named
 DEFAULT_OBJECTIVE = "overtone"
 StopRule = Literal["auto", "loss", "clipped", "top1", "none"]
@@ -87,6 +87,18 @@ class EditHparams(BaseModel):
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank.")
     lora_alpha: float = Field(16.0, gt=0, le=1024, description="LoRA alpha (scale = alpha / rank).")
     seed: int = Field(0, ge=0, description="Seed for anything random in an edit.")
+    kl_onehot_weight: float = Field(
+        0.1, ge=0.0, le=1.0, description="overtone-kl: weight of the one-hot in the target (the rest is the "
+        "model's filtered prediction; note: the opposite of OVERTONE's λ). 1 = cross-entropy, clipped at ε.",
+    )
+    kl_epsilon: float = Field(
+        0.01, ge=0.0, le=1.0, description="overtone-kl ε: a token with KL(target ‖ p) < ε gives no loss; "
+        "stop 'auto' ends the edit when every target token is there.",
+    )
+    kl_nsigma: float = Field(
+        0.5, ge=0.0, le=10.0, description="overtone-kl nσ: the filter keeps tokens whose logit is above "
+        "max − nσ · std over the vocabulary (0: the argmax alone).",
+    )
 
 
 def resolve_hparams(method: str, overrides: dict | None = None) -> EditHparams:

@@ -74,6 +74,8 @@ def target_logits(model: torch.nn.Module, batch: PairBatch, inputs: torch.Tensor
 
 
 def should_stop(rule: str, objective: str, loss: float, stats: TokenStats, hp: EditHparams) -> bool:
+    if rule == "auto" and objective == "overtone-kl":
+        return bool(stats.clipped.all())  # every token's KL < ε: its mean of max(KL, ε) never drops below ε
     if rule == "auto":
         rule = "clipped" if objective == "overtone" else "loss"
     if rule == "loss":
@@ -127,7 +129,7 @@ def edit(
             if is_canceled is not None and is_canceled():
                 raise EditCanceled(f"edit canceled at step {step}")
             logits = target_logits(model, batch, inputs)  # (N, V)
-            loss, stats = objective_loss(objective, logits, batch.labels, hp.lam, hp.rho, hp.tau)
+            loss, stats = objective_loss(objective, logits, batch.labels, hp)
             value = loss.item()
             if not math.isfinite(value):
                 raise EditError(f"loss became {value} at step {step}; no delta was formed")
