@@ -239,7 +239,8 @@ def evaluate_cmd(
     if as_json:
         print(json.dumps(summary))
         return
-    keys = ["n", "reliability", "generalization", "locality", "portability", "fluency", "seconds_per_edit"]
+    keys = ["n", "reliability", "generalization", "locality", "neighbour_flips", "portability", "fluency",
+            "seconds_per_edit"]
     console.print(_metrics_table(f"{data.name} [{offset}:{offset + len(cases)}] {method} + {objective}",
                                  summary, keys))
 

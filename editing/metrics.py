@@ -5,6 +5,10 @@
 - locality: agreement of post-edit and pre-edit top-1 predictions on the locality
   prompts' answer tokens (teacher-forced); a probe without an answer uses the pre-edit
   model's own greedy continuation as its answer
+- neighbour_flips: the share of the locality prompts whose top-1 next token becomes the
+  new target's first token after the edit (it was not before). CounterFact's locality
+  prompts share the fact's relation with other subjects, so this counts the neighbours
+  the edit dragged along ("The capital of New Zealand is" → Melbourne); lower is better
 - portability: teacher-forced accuracy of the portability (reasoning) answers
 - fluency: weighted 2/3-gram entropy of a free generation from each prompt
 """
@@ -21,9 +25,9 @@ import torch
 from editing.facts import Fact, Probe
 from editing.generate import generate
 from editing.model import LoadedModel
-from editing.tokens import pair_batch
+from editing.tokens import encode_pair, pair_batch
 
-METRICS = ("reliability", "generalization", "locality", "portability", "fluency")
+METRICS = ("reliability", "generalization", "locality", "neighbour_flips", "portability", "fluency")
 
 
 @torch.no_grad()
@@ -93,6 +97,10 @@ def measure(lm: LoadedModel, facts: list[Fact], before: Snapshot, fluency_tokens
             agree = [sum(a == b for a, b in zip(pre, post)) / len(pre)
                      for pre, (post, _) in zip(before.predicted[i], now)]
             per_fact["locality"].append(_mean(agree))
+            # Position 0 of each probe's answer is the next token after its prompt: no extra forward.
+            new_first = [encode_pair(lm.tokenizer, p.prompt, f.target_new)[1][0] for p in before.probes[i]]
+            flips = [pre[0] != t and post[0] == t for pre, (post, _), t in zip(before.predicted[i], now, new_first)]
+            per_fact["neighbour_flips"].append(_mean([float(x) for x in flips]))
         if f.portability:
             per_fact["portability"].append(_mean(accuracy(lm, [(p.prompt, p.answer) for p in f.portability])))
     if fluency_tokens > 0:
