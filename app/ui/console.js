@@ -5,6 +5,7 @@
 const KEY = "lmedit.key"; // the pasted API key, in this tab's session storage only
 const BRANCH = "lmedit.branch";
 const POLL_MS = 400;
+const TIMELINE_LIMIT = 100; // versions shown, head first
 
 const $ = (id) => document.getElementById(id);
 const state = { branch: sessionStorage.getItem(BRANCH) || "main", refs: null, versions: [], job: null };
@@ -85,7 +86,7 @@ function when(iso) {
   const t = new Date(iso);
   if (isNaN(t)) return iso;
   const s = Math.max(0, (Date.now() - t.getTime()) / 1000);
-  const ago = s < 60 ? Math.round(s) + " s ago" : s < 3600 ? Math.round(s / 60) + " min ago"
+  const ago = s < 10 ? "just now" : s < 60 ? Math.round(s) + " s ago" : s < 3600 ? Math.round(s / 60) + " min ago"
     : s < 86400 ? Math.round(s / 3600) + " h ago" : Math.round(s / 86400) + " d ago";
   return ago;
 }
@@ -140,7 +141,7 @@ function refsAt(id) {
 }
 
 async function loadTimeline() {
-  state.versions = await api("/versions", { params: { branch: state.branch } });
+  state.versions = await api("/versions", { params: { branch: state.branch, limit: TIMELINE_LIMIT } });
   const head = state.versions[0];
   $("head").textContent = head ? state.branch + " at " + label(head.id) : "";
   const rows = state.versions.map((v, i) => {
@@ -158,10 +159,10 @@ async function loadTimeline() {
       el("td", {}, el("code", { title: v.id }, label(v.id))),
       el("td", {}, refsAt(v.id)),
       factCell,
-      el("td", {}, v.method ? v.method + (v.objective ? " / " + v.objective : "") : ""),
-      el("td", {}, v.key_id || ""),
-      el("td", { title: v.created_at || "" }, when(v.created_at)),
-      el("td", {}, metricChips(v.metrics)),
+      el("td", { class: "nowrap" }, v.method ? v.method + (v.objective ? " / " + v.objective : "") : ""),
+      el("td", { class: "nowrap" }, v.key_id || ""),
+      el("td", { class: "nowrap", title: v.created_at || "" }, when(v.created_at)),
+      el("td", { class: "metrics" }, metricChips(v.metrics)),
       actions);
   });
   $("timeline").tBodies[0].replaceChildren(...rows);
@@ -187,8 +188,11 @@ async function loadFacts() {
     ledger = await api("/branches/" + encodeURIComponent(state.branch) + "/facts");
   } catch (err) {
     if (err.status === 404) {
-      box.replaceChildren(el("p", { class: "muted", id: "no-ledger" },
-        "No ledger: this server does not list the facts in effect."));
+      // No ledger: list what the branch's versions wrote instead (a later fact may override an earlier one).
+      const written = state.versions.flatMap((v) => (v.facts || []).map((f) => ({ ...f, version: v.id })));
+      box.replaceChildren(el("p", { class: "muted", id: "no-ledger" }, "No ledger on this server. " +
+        (written.length ? "Facts written by the versions of " + state.branch + ", newest first:" : "")),
+      written.length ? factTable(written, "version") : "");
       return;
     }
     throw err;
@@ -269,7 +273,7 @@ async function generate(event) {
 function editStatus(text, kind = "") {
   const box = $("edit-status");
   box.className = "status " + kind;
-  box.replaceChildren(...[text].flat());
+  box.replaceChildren(...[text].flat(Infinity));
 }
 
 async function submitEdit(event) {
