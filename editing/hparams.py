@@ -99,6 +99,10 @@ class EditHparams(BaseModel):
         0.5, ge=0.0, le=10.0, description="overtone-kl nσ: the filter keeps tokens whose logit is above "
         "max − nσ · std over the vocabulary (0: the argmax alone).",
     )
+    append_eos: bool = Field(
+        False, description="Train each target followed by the tokenizer's EOS (as the second OVERTONE reading "
+        "does), so that the model ends its answer there; any objective.",
+    )
 
 
 def resolve_hparams(method: str, overrides: dict | None = None) -> EditHparams:

@@ -81,14 +81,19 @@ def pair_batch(
     prompt_last: bool = False,
     subjects: list[str | None] | None = None,
     subject_last: bool = False,
+    append_eos: bool = False,
 ) -> PairBatch:
     """Batch (prompt, target) pairs.
 
     prompt_last=False: teacher forcing on prompt + target (FT-M, LoRA, the metrics).
     prompt_last=True: the sequence is the prompt alone and every target token is scored
     from the distribution at the last prompt position (EasyEdit's FT-L `prompt_last`).
+    append_eos: the tokenizer's EOS becomes one more target token (training only: the
+    answer should end there; the metrics score the target's own tokens).
     """
     encoded = [encode_pair(tokenizer, p, t) for p, t in pairs]
+    if append_eos and tokenizer.eos_token_id is not None:
+        encoded = [(pi, ti + [tokenizer.eos_token_id]) for pi, ti in encoded]
     seqs = [pi if prompt_last else pi + ti for pi, ti in encoded]
     width = max(len(s) for s in seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -111,7 +111,7 @@ def edit(
         pairs += [(f"{prefix}. {f.prompt}", f.target_new) for f in facts]
     subjects = [f.subject for f in facts] * (len(pairs) // own)
     batch = pair_batch(tok, pairs, prompt_last=m.prompt_last, subjects=subjects,
-                       subject_last=hp.positions == "subject_last").to(device)
+                       subject_last=hp.positions == "subject_last", append_eos=hp.append_eos).to(device)
     own_tokens = batch.seq_of_token < own  # (N,) tokens of the unprefixed prompts
 
     started = time.perf_counter()

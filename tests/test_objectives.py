@@ -181,3 +181,13 @@ def test_overtone_kl_stops_under_auto_when_every_token_is_within_epsilon():
     result = edit(tiny_llama(), [fact], "ft-m", "overtone-kl", {**hps, "stop": "auto"})
     assert result.stopped_early and 0 < result.steps < 40
     assert result.losses[-1] == pytest.approx(0.8)  # every token clipped: the mean is ε itself
+
+
+def test_append_eos_trains_the_target_followed_by_eos():
+    lm = tiny_llama()
+    fact = Fact("The Eiffel Tower is in", "Rome", subject="The Eiffel Tower")
+    hps = {"layers": [0], "positions": "all", "lr": 0.05, "steps": 2, "stop": "none"}
+    plain = edit(lm, [fact], "ft-m", "overtone-kl", hps)
+    with_eos = edit(lm, [fact], "ft-m", "overtone-kl", {**hps, "append_eos": True})
+    assert with_eos.target_tokens == plain.target_tokens + [lm.tokenizer.eos_token]
+    assert len(with_eos.trace[0]) == len(plain.trace[0]) + 1
