@@ -75,9 +75,24 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                429: "queue_full", 503: "unavailable", 504: "timeout"}
 
 
+BODY_NOT_JSON = "the request body must be JSON, sent with `Content-Type: application/json`"
+BODY_NOT_UTF8 = "the request body is not JSON text: it must be UTF-8"  # FastAPI's 400 says only "error parsing"
+
+
+def is_json_content_type(value: str | None) -> bool:
+    media = (value or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, list[dict]]:
     details = []
     for e in exc.errors():
+        if e.get("type") == "json_invalid":  # loc is ("body", character offset): not a field name
+            pos = e.get("loc", ("body", "?"))[-1]
+            reason = (e.get("ctx") or {}).get("error", "")
+            details.append({"field": "", "message": f"invalid JSON at character {pos}" + (f": {reason}" if reason
+                                                                                         else "")})
+            continue
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         details.append({"field": loc, "message": e.get("msg", "")})
     text = "; ".join(f"{d['field']}: {d['message']}" if d["field"] else d["message"] for d in details)
@@ -91,13 +106,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI parses only JSON-typed bodies; other bytes fail as "not a valid dictionary" (an absent
+        # body stays a 422: "field required")
+        raw_body = any(tuple(e.get("loc", ()))[:1] == ("body",) and isinstance(e.get("input"), (bytes, bytearray))
+                       for e in exc.errors())
+        if raw_body and not is_json_content_type(request.headers.get("content-type")):
+            got = request.headers.get("content-type") or "none"
+            return error_response(415, "unsupported_media_type", f"{BODY_NOT_JSON} (got Content-Type: {got})")
         message, details = _validation_message(exc)
         return error_response(422, "invalid_request", message, details=details)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        message = BODY_NOT_UTF8 if exc.detail == "There was an error parsing the body" else str(exc.detail)
+        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(NotFoundError)
     async def store_not_found(request: Request, exc: NotFoundError) -> JSONResponse:

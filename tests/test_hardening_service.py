@@ -1,0 +1,55 @@
+"""Issue 15, service side: error messages a user can act on, a repeatable curl tour, and the API's
+conformance details (405 Allow, strict OpenAI types). A real stack: valkey-server, one worker that
+serves generations only (accepted edits just queue), uvicorn."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.service import tiny_stack
+
+FACT = {"prompt": "The Eiffel Tower is located in the city of", "target_new": "Rome", "subject": "The Eiffel Tower"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with tiny_stack(tmp_path_factory.mktemp("hardening-service"), workers=("generate",)) as s:
+        yield s
+
+
+@pytest.fixture
+def client(stack):
+    with httpx.Client(base_url=stack.url, timeout=30) as c:
+        yield c
+
+
+# --- item 6: error messages ------------------------------------------------------------------------------
+
+
+def test_truncated_json_names_the_character(client):
+    body = json.dumps({"facts": [FACT]})[:-1]  # the closing brace is missing: the error is at the end
+    r = client.post("/edits", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    assert message.startswith(f"invalid JSON at character {len(body)}"), message
+    assert not message.startswith(f"{len(body)}:")  # the offset is not presented as a field name
+
+
+def test_a_body_without_json_content_type_says_how_to_send_it(client):
+    body = json.dumps({"facts": [FACT]}).encode()
+    for headers in ({}, {"content-type": "application/x-www-form-urlencoded"}):  # none; curl -d's default
+        r = client.post("/edits", content=body, headers=headers)
+        assert r.status_code == 415, r.text
+        error = r.json()["error"]
+        assert error["code"] == "unsupported_media_type"
+        assert "the request body must be JSON" in error["message"]
+        assert "Content-Type: application/json" in error["message"], error
+
+
+def test_a_body_that_is_not_utf8_is_a_400_that_says_so(client):
+    r = client.post("/edits", content=b'{"facts": "\xff\xfe"}', headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "UTF-8" in r.json()["error"]["message"]
