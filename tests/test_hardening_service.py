@@ -5,11 +5,13 @@ serves generations only (accepted edits just queue), uvicorn."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import httpx
 import pytest
 
-from tests.service import tiny_stack
+from tests.service import ROOT, tiny_stack
 
 FACT = {"prompt": "The Eiffel Tower is located in the city of", "target_new": "Rome", "subject": "The Eiffel Tower"}
 
@@ -53,3 +55,20 @@ def test_a_body_that_is_not_utf8_is_a_400_that_says_so(client):
     r = client.post("/edits", content=b'{"facts": "\xff\xfe"}', headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert "UTF-8" in r.json()["error"]["message"]
+
+
+# --- item 2: the tour can be repeated ----------------------------------------------------------------------
+
+
+def _edit_sh(stack, **env) -> dict:
+    run = subprocess.run(["bash", str(ROOT / "examples" / "curl" / "edit.sh")], capture_output=True, text=True,
+                         env=os.environ | {"LMEDIT_URL": stack.url} | env, timeout=60, check=True)
+    return json.loads(run.stdout)
+
+
+def test_edit_sh_twice_makes_two_jobs_and_a_given_idempotency_key_replays(stack):
+    first, second = _edit_sh(stack), _edit_sh(stack)
+    assert first["status"] == second["status"] == "queued"
+    assert first["job_id"] != second["job_id"] and second["seq"] == first["seq"] + 1
+    keyed = [_edit_sh(stack, LMEDIT_IDEMPOTENCY_KEY="tour-retry-1") for _ in range(2)]
+    assert keyed[0]["job_id"] == keyed[1]["job_id"], keyed  # the second is a replay, not a new edit
