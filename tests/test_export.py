@@ -286,3 +286,88 @@ def test_cli_export_and_import_adapter(tmp_path):
     r = runner.invoke(app, ["export", "main", "--format", "gguf", "--out", str(tmp_path / "g.gguf"),
                             "--store", str(store), "--model", str(model_dir)])
     assert r.exit_code == 1 and "GGUF" in r.output
+
+
+# --- the real SmolLM2 (integration tier) ------------------------------------------------------------
+
+
+def smollm2_versions(lm, store: VersionStore) -> tuple[str, str]:
+    """On main: LoRA factors on layer 3's q and k (the permuted ones), then a dense down_proj change."""
+    p = dict(lm.model.named_parameters())
+    q, k = "model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight"
+    low = commit(store, Delta(lora={n: factors(*p[n].shape, rank=4, scale=0.05, seed=i)
+                                    for i, n in enumerate((q, k))}), method="lora")
+    down = "model.layers.10.mlp.down_proj.weight"
+    return low, commit(store, Delta(dense={down: dense(p[down].shape, 5) * 0.1}))
+
+
+@pytest.mark.integration
+def test_smollm2_exports_against_the_checkout(smollm2, tmp_path):
+    """The embedded Q4_1 GGUF: hf identical to the checkout; gguf tensors exactly what transformers' loader
+    makes of them (touched: dequantize + un-permute = W_v; untouched: the base's bytes), peft within 1e-4.
+    The shared model is left at base. (The full gguf read-back is the slow test below.)"""
+    import gguf
+    import numpy as np
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from editing.model import embedded_gguf_path
+
+    lm = smollm2
+    store = VersionStore.open(tmp_path / "store", base_fingerprint=lm.fingerprint)
+    session = EditSession(lm, store)
+    low, vid = smollm2_versions(lm, store)
+    try:
+        export(session, vid, "gguf", tmp_path / "v.gguf", source="smollm2")
+        export(session, vid, "hf", tmp_path / "hf")
+        export(session, low, "peft", tmp_path / "adapter")
+        session.checkout(vid)
+        expected = logits(lm.model)
+        assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()), expected)
+
+        cfg, params = lm.model.config, dict(lm.model.named_parameters())
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+        changed = {names.get_name(n, try_suffixes=(".weight",)): n for n in store.touched(low) + store.touched(vid)}
+        process = LlamaTensorProcessor(config={"num_attention_heads": cfg.num_attention_heads,
+                                               "num_key_value_heads": cfg.num_key_value_heads}).process
+        base = {t.name: t for t in gguf.GGUFReader(embedded_gguf_path()).tensors}
+        for t in gguf.GGUFReader(tmp_path / "v.gguf").tensors:
+            if t.name in changed:
+                w = process(weights=gguf.dequantize(t.data, t.tensor_type), name=t.name).weights
+                assert t.tensor_type.name == "F32" and np.array_equal(w, params[changed[t.name]].numpy()), t.name
+            else:
+                assert t.tensor_type == base[t.name].tensor_type and np.array_equal(t.data, base[t.name].data)
+
+        session.checkout(low)
+        expected = logits(lm.model)
+        session.checkout("base")
+        adapted = PeftModel.from_pretrained(lm.model, tmp_path / "adapter").eval()
+        try:
+            assert (logits(adapted) - expected).abs().max().item() < 1e-4
+        finally:
+            adapted.unload()
+            for attr in ("peft_config", "_hf_peft_config_loaded"):
+                if attr in vars(lm.model):
+                    delattr(lm.model, attr)
+    finally:
+        session.checkout("base")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_smollm2_gguf_reads_back_through_transformers(smollm2, tmp_path):
+    """The whole exported GGUF through transformers' `gguf_file=` (it dequantizes every Q4_1 tensor: ~15 s
+    on a quiet machine): logits identical to the checkout."""
+    from transformers import AutoModelForCausalLM
+
+    store = VersionStore.open(tmp_path / "store", base_fingerprint=smollm2.fingerprint)
+    session = EditSession(smollm2, store)
+    _, vid = smollm2_versions(smollm2, store)
+    try:
+        export(session, vid, "gguf", tmp_path / "v.gguf", source="smollm2")
+        session.checkout(vid)
+        back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="v.gguf", dtype=torch.float32).eval()
+        assert torch.equal(logits(back), logits(smollm2.model))
+    finally:
+        session.checkout("base")
