@@ -25,6 +25,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 keys_app = typer.Typer(no_args_is_help=True, help="API keys: create (printed once), list, revoke.")
 KeysFileOption = Annotated[Path | None, typer.Option("--keys-file", help="Key file [env LMEDIT_KEYS_FILE; "
                                                      "default: <store>/keys.json]")]
+KeysStoreOption = Annotated[str | None, typer.Option("--store", help="Use the store's keys.json [env LMEDIT_STORE"
+                                                     "; LMEDIT_KEYS_FILE and --keys-file win]")]
 
 
 def _settings(**overrides) -> Settings:
@@ -44,10 +46,12 @@ def _refuse_open_bind(settings: Settings) -> None:
 # --- keys ------------------------------------------------------------------------------------
 
 
-def _key_file(keys_file: Path | None):
+def _key_file(keys_file: Path | None, store: str | None = None):
+    """--keys-file, else LMEDIT_KEYS_FILE, else keys.json in the store (--store or LMEDIT_STORE): the same
+    file as `lmedit up` / `lmedit api` with that store use."""
     from app.auth import KeyFile
 
-    path = keys_file or keys_file_path(get_settings())
+    path = keys_file or keys_file_path(_settings(store=store))  # the file `lmedit up --store` serves
     if path is None:
         err.print("[red]error:[/red] the store is not a local folder: set LMEDIT_KEYS_FILE or --keys-file")
         raise typer.Exit(1)
@@ -59,9 +63,10 @@ def keys_create(
     scope: Annotated[str, typer.Option("--scope", help="read (versions, generate) or edit (also writes)")] = "read",
     name: Annotated[str, typer.Option("--name", help="A note: who or what uses the key")] = "",
     keys_file: KeysFileOption = None,
+    store: KeysStoreOption = None,
 ) -> None:
     """Create a key and print it once (only its sha256 is stored)."""
-    kf = _key_file(keys_file)
+    kf = _key_file(keys_file, store)
     try:
         key, record = kf.create(scope, name)
     except ValueError as e:
@@ -72,9 +77,9 @@ def keys_create(
 
 
 @keys_app.command("list")
-def keys_list(keys_file: KeysFileOption = None) -> None:
+def keys_list(keys_file: KeysFileOption = None, store: KeysStoreOption = None) -> None:
     """List keys (ids, scopes, state; never the keys themselves)."""
-    kf = _key_file(keys_file)
+    kf = _key_file(keys_file, store)
     table = Table(title=str(kf.path))
     for col in ("id", "scopes", "name", "created", "state"):
         table.add_column(col)
@@ -86,10 +91,10 @@ def keys_list(keys_file: KeysFileOption = None) -> None:
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (lmedit keys list)")],
-                keys_file: KeysFileOption = None) -> None:
+                keys_file: KeysFileOption = None, store: KeysStoreOption = None) -> None:
     """Revoke a key: requests with it get 401 from the next request on."""
     try:
-        record = _key_file(keys_file).revoke(key_id)
+        record = _key_file(keys_file, store).revoke(key_id)
     except KeyError as e:
         err.print(f"[red]error:[/red] {e.args[0]}")
         raise typer.Exit(1) from None
