@@ -49,16 +49,21 @@ def export_cmd(
     as_json: JsonOption = False,
 ) -> None:
     """Write VERSION's weights for another engine (transformers / vLLM, llama.cpp / Ollama, PEFT / LoRAX)."""
-    from editing.export import FORMATS, ExportError, export
-    from editing.store import StoreError
+    from editing.export import FORMATS, ExportError, export, write_peft
+    from editing.store import StoreError, VersionStore
 
     if fmt not in FORMATS:
         _fail(f"--format must be one of {', '.join(FORMATS)}")
     source = model or get_settings().model
     try:
-        session = _session(model, store, create=False)
-        with err.status(f"exporting {version} as {fmt} …"):
-            vid = export(session, version, fmt, out, source=source)
+        if fmt == "peft":  # factors only: no model to load
+            versions = VersionStore.open(store or get_settings().store)
+            vid = versions.resolve(version)
+            write_peft(versions, vid, out, base_model=source)
+        else:
+            session = _session(model, store, create=False)
+            with err.status(f"exporting {version} as {fmt} …"):
+                vid = export(session, version, fmt, out, source=source)
     except (ExportError, StoreError, ValueError, OSError) as e:
         _fail(f"{type(e).__name__}: {e}" if not isinstance(e, ExportError) else str(e))
     if as_json:
