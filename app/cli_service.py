@@ -111,12 +111,15 @@ def api(
     redis_url: Annotated[str | None, typer.Option("--redis-url", help="Redis [env LMEDIT_REDIS_URL]")] = None,
 ) -> None:
     """Serve the HTTP API alone (no model: workers serve edits and generations)."""
+    import logging
+
     import uvicorn
 
     from app.main import create_app
 
     settings = with_store_redis(_settings(host=host, port=port, store=store, redis_url=redis_url))
     _refuse_open_bind(settings)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:    %(name)s: %(message)s")  # lmedit.api
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
                 timeout_graceful_shutdown=5)
 
@@ -276,7 +279,8 @@ def up(
     failure: str | None = None
     url_file: Path | None = None
     try:
-        if redis_url is None:
+        embedded = redis_url is None
+        if embedded:
             redis_port = _embedded_port(settings, redis_port)
             data_dir = store_dir / "redis"
             sup.add("valkey-server", lambda: start_valkey(redis_port, data_dir, data_dir / "valkey.log"), grace_s=10)
@@ -286,6 +290,8 @@ def up(
                 url_file = _write_url_file(folder, redis_url)
         cores = os.cpu_count() or 2
         threads = settings.threads or max(1, (cores - 1) // workers)
+        if embedded:  # its AOF is fsynced on every write: anything less is a misconfiguration
+            os.environ.setdefault("LMEDIT_REQUIRE_DURABLE", "1")
         env = os.environ | {"LMEDIT_REDIS_URL": redis_url, "LMEDIT_STORE": settings.store,
                             "LMEDIT_MODEL": settings.model, "LMEDIT_THREADS": str(threads),
                             "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),

@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         jobs = JobClient(settings)
+        jobs.check_durability()  # logs what a 202 means; raises (no start) if LMEDIT_REQUIRE_DURABLE is unmet
         services = Services(settings=settings, jobs=jobs, keys=KeyFile(keys_file_path(settings)))
         services.metrics = Metrics(services)
         app.state.services = services

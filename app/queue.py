@@ -3,9 +3,11 @@ read job state, cancel, wait for results without blocking the event loop.
 
 Edits are accepted atomically: one Redis transaction (WATCH/MULTI/EXEC) gives the edit its
 branch sequence number, appends it to the branch's pending list (the order workers apply
-edits in), records the Idempotency-Key and enqueues the RQ job. The 202 goes out only after
-EXEC, when Redis has the job in its append-only file (`appendfsync always` for the embedded
-server; `WAITAOF` where an external server supports it).
+edits in), records the Idempotency-Key and enqueues the RQ job. The 202 goes out only once
+Redis has the job in its append-only file: `appendfsync always` (the embedded server), or a
+WAITAOF after EXEC that reports the local fsync. When WAITAOF reports none in time, the job,
+its pending entry and its idempotency record are removed again (one Lua script) and the client
+gets 503 (see app/durability.py; the branch's seq keeps a gap).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +30,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus, Retry
 from rq.serializers import JSONSerializer
 
+from app.durability import Durability, fsync_confirmed, probe
 from app.errors import Conflict, InvalidRequest, QueueFull, Unavailable
 from app.settings import Settings
 from workers import protocol
@@ -34,6 +38,15 @@ from workers import protocol
 log = logging.getLogger("lmedit.api")
 
 WAITING = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
+
+# Withdraw an accepted edit whose fsync was not confirmed, unless a worker has taken it already.
+# KEYS: edits queue, job hash, branch pending list, idempotency record (or the job hash again); ARGV: job id
+WITHDRAW = """
+if redis.call('LREM', KEYS[1], 0, ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[2], KEYS[4])
+redis.call('LREM', KEYS[3], 0, ARGV[1])
+return 1
+"""
 
 
 def body_fingerprint(body: Any) -> str:
@@ -49,11 +62,55 @@ class JobClient:
                                               socket_timeout=settings.generate_timeout_s + 10)
         self.edits = Queue(protocol.EDITS_QUEUE, connection=self.redis, serializer=JSONSerializer)
         self.generate = Queue(protocol.GENERATE_QUEUE, connection=self.redis, serializer=JSONSerializer)
-        self._waitaof = True
+        self._withdraw = self.redis.register_script(WITHDRAW)
+        self._durability: Durability | None = None
+        self._local = threading.local()
+        self._acceptors: list[redis.Redis] = []
+        self._acceptors_lock = threading.Lock()
 
     async def close(self) -> None:
         await self.aredis.aclose()
         self.redis.close()
+        for client in self._acceptors:
+            client.close()
+
+    def _acceptor(self) -> redis.Redis:
+        """This thread's own Redis connection for accepting edits. WAITAOF waits for the writes made on the
+        connection it is sent on, so the transaction and its WAITAOF must share one (a pool would not)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            pool = redis.BlockingConnectionPool.from_url(self.settings.redis_url, max_connections=1, timeout=30,
+                                                         socket_timeout=30)
+            client = self._local.client = redis.Redis(connection_pool=pool)
+            with self._acceptors_lock:
+                self._acceptors.append(client)
+        return client
+
+    # --- durability --------------------------------------------------------------------------
+    def durability(self) -> Durability | None:
+        """What the server promises (asked once; None while Redis is unreachable)."""
+        if self._durability is None:
+            try:
+                self._durability = probe(self.redis)
+            except redis.RedisError:
+                return None
+        return self._durability
+
+    def check_durability(self) -> Durability | None:
+        """At start: log what a 202 means; refuse (RuntimeError) a non-durable Redis if LMEDIT_REQUIRE_DURABLE."""
+        found = self.durability()
+        if found is None:
+            log.warning("Redis is unreachable: durability will be checked once it answers")
+        elif found.durable:
+            log.info("Redis durability: %s", found.describe())
+        elif self.settings.require_durable:
+            raise RuntimeError(f"Redis at {self.settings.redis_url} is not durable ({found.describe()}) and "
+                               "LMEDIT_REQUIRE_DURABLE is set: refusing to start. Turn on appendonly (with "
+                               "appendfsync always or everysec), or unset LMEDIT_REQUIRE_DURABLE.")
+        else:
+            log.warning("!" * 78 + "\n  Redis durability: %s.\n  A 202 does not mean the job is on disk. Turn "
+                        "on appendonly (appendfsync always or everysec).\n" + "!" * 78, found.describe())
+        return found
 
     # --- health ------------------------------------------------------------------------------
     def ping(self) -> bool:
@@ -78,15 +135,36 @@ class JobClient:
             raise Unavailable("no live worker serves generations (start one: lmedit worker)",
                               {"Retry-After": str(self.settings.retry_after_s)})
 
-    def _wait_durable(self) -> None:
-        """Make sure the last writes are in the append-only file (external Redis: WAITAOF)."""
-        if not self._waitaof:
-            return
+    def _confirm_on_disk(self, conn: redis.Redis, response: dict, idem: str | None) -> None:
+        """After EXEC on `conn`: where WAITAOF confirms, wait for the local fsync; if it did not happen
+        in time, withdraw the job and answer 503 (Unavailable)."""
+        found = self.durability()
+        if found is None or not found.confirm_per_request:
+            return  # fsynced before EXEC answered (appendfsync always), or not durable (warned at start)
+        timeout = self.settings.durable_timeout_ms
         try:
-            self.redis.execute_command("WAITAOF", 1, 0, 1000)
-        except ResponseError as e:  # an old server, or appendonly off: say so once
-            log.warning("WAITAOF unavailable (%s): accepted jobs are durable only as Redis is configured", e)
-            self._waitaof = False
+            reply = conn.execute_command("WAITAOF", 1, 0, timeout)
+        except ResponseError as e:  # the server changed (appendonly turned off?): ask again next time
+            log.error("WAITAOF failed (%s)", e)
+            self._durability, reply = None, None
+        if fsync_confirmed(reply):
+            return
+        if self.withdraw(response, idem):
+            raise Unavailable(f"Redis did not confirm the edit on disk within {timeout} ms (WAITAOF answered "
+                              f"{reply!r}): it was not accepted; retry later",
+                              {"Retry-After": str(self.settings.retry_after_s)})
+
+    def withdraw(self, response: dict, idem: str | None) -> bool:
+        """Remove an accepted edit atomically: its job, its pending entry, its idempotency record. False when
+        a worker has taken it already (then it runs, and its version is durable in the store)."""
+        job_id = response["job_id"]
+        job_key = Job.key_for(job_id)
+        keys = [self.edits.key, job_key, protocol.pending_key(response["branch"]), idem or job_key]
+        if self._withdraw(keys=keys, args=[job_id]):
+            log.error("edit %s withdrawn: its fsync was not confirmed", job_id)
+            return True
+        log.error("edit %s: fsync not confirmed, but a worker has already taken it: it stays accepted", job_id)
+        return False
 
     # --- edits -------------------------------------------------------------------------------
     def edit_timeout(self, n_facts: int) -> int:
@@ -101,7 +179,11 @@ class JobClient:
         if idempotency_key:
             idem = protocol.idempotency_key(key_id, hashlib.sha256(idempotency_key.encode()).hexdigest()[:32])
         seq_key, pending = protocol.seq_key(branch), protocol.pending_key(branch)
-        with self.redis.pipeline() as pipe:
+        found = self.durability()
+        if self.settings.require_durable and found is not None and not found.durable:
+            raise Unavailable(f"Redis is not durable ({found.describe()}) and LMEDIT_REQUIRE_DURABLE is set")
+        conn = self._acceptor()
+        with conn.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(seq_key, *([idem] if idem else []))
@@ -137,7 +219,7 @@ class JobClient:
                     break
                 except WatchError:
                     continue
-        self._wait_durable()
+        self._confirm_on_disk(conn, response, idem)
         return response
 
     def fetch(self, job_id: str) -> Job | None:

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"  # where `lmedit api` binds (anything but loopback needs API keys)
     port: int = 8000
     keys_file: str | None = None  # API key hashes (default: <store>/keys.json for a local store)
+    require_durable: bool = False  # refuse to start on a Redis that cannot promise a 202 is on disk (up: on)
+    durable_timeout_ms: int = 1000  # how long an edit waits for WAITAOF's fsync before it is withdrawn (503)
 
     # --- limits ---
     max_prompt_chars: int = 4000  # per prompt (413 beyond)

@@ -1,4 +1,5 @@
-"""/health (liveness), /ready (Redis, store, a live worker), /metrics (Prometheus)."""
+"""/health (liveness), /ready (Redis, store, a live worker; and how durable an accepted edit is),
+/metrics (Prometheus)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def _readiness(services) -> dict:
         checks["store"] = False
         checks["store_error"] = getattr(e, "message", str(e))
     checks["workers"] = services.jobs.live_workers() if checks["redis"] else 0
+    durability = services.jobs.durability() if checks["redis"] else None
+    checks["durability"] = durability.as_dict() if durability is not None else None  # what a 202 means
     return checks
 
 
