@@ -5,6 +5,7 @@ endpoint end to end (hf identical to the checkout, peft within 1e-4, reuse, 202,
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from app.client import Client, Conflict, EditFailed, Forbidden, InvalidRequest, 
 from editing.model import load_model
 from editing.session import EditSession
 from editing.store import VersionStore
-from tests.service import ROOT, SLOW_HPARAMS, TINY_HPARAMS, slow_facts, tiny_stack
+from tests.service import ROOT, SLOW_HPARAMS, TINY_HPARAMS, Stack, slow_facts, tiny_stack
+from tests.tiny import tiny_llama
 
 PROMPT = "The Eiffel Tower is in"
 FACT = {"prompt": PROMPT, "target_new": "Rome", "subject": "Eiffel Tower"}
@@ -136,6 +138,34 @@ def test_export_peft_of_a_lora_edit_and_the_409s(stack, lm, tmp_path):
     adapted = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
     diff = (logits(adapted) - logits(checkout(stack, vid))).abs().max().item()
     assert diff < 1e-4, diff
+
+
+def test_export_gguf_over_http(tmp_path):
+    """A second stack whose model is a GGUF (the tiny llama written as llama.cpp would): an edit, then its
+    gguf export streamed as one file, read back by transformers with logits identical to the checkout."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_export import write_tiny_gguf
+
+    base = tmp_path / "tiny.gguf"
+    write_tiny_gguf(tiny_llama(), base)
+    s = Stack(tmp_path, str(base), env={"LMEDIT_CACHE_DIR": str(tmp_path / "cache")})
+    try:
+        s.start_worker()
+        s.start_api()
+        s.wait_ready()
+        with Client(s.url) as lm:
+            vid = lm.wait_edit(lm.submit_edit([FACT], hparams=TINY_HPARAMS)["job_id"], timeout=90)["version"]
+            path = lm.export(vid, "gguf", tmp_path / "out" / "edited.gguf", timeout=120)
+        r = httpx.get(f"{s.url}/versions/{vid}/export", params={"format": "gguf", "wait": 0}, timeout=30)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+        assert r.content == path.read_bytes() and r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"'
+    finally:
+        s.close()
+    local = load_model(str(base), device="cpu", cache_dir=tmp_path / "cache")
+    EditSession(local, VersionStore.open(s.store), create=False).checkout(vid)
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    assert torch.equal(logits(back), logits(local.model))
 
 
 def test_export_needs_an_edit_key(stack, tmp_path):
