@@ -261,6 +261,29 @@ def test_import_refuses_an_adapter_for_other_modules(tmp_path):
     assert session.store.head("main") == session.store.base_id
 
 
+@pytest.mark.parametrize("url", ["local", "memory://lmedit-export-test"])
+def test_exports_kept_in_the_store_are_content_addressed(url, tmp_path):
+    import warnings
+
+    from editing.export import blob_path, open_blob, read_record, save_export
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # memory:// has no conditional writes: fine in one process
+        store = VersionStore.open(str(tmp_path / "store") if url == "local" else url, base_fingerprint="0" * 64)
+    for name in ("a", "b"):
+        (tmp_path / name / "sub").mkdir(parents=True)
+        (tmp_path / name / "tokenizer.json").write_text("same in both")
+        (tmp_path / name / "sub" / "w.bin").write_bytes(name.encode() * 1000)
+    assert read_record(store, "v" * 32, "hf") is None
+    ra, rb = save_export(store, "v" * 32, "hf", tmp_path / "a"), save_export(store, "w" * 32, "hf", tmp_path / "b")
+    assert read_record(store, "v" * 32, "hf") == ra and [f["name"] for f in ra["files"]] == ["sub/w.bin",
+                                                                                           "tokenizer.json"]
+    assert ra["files"][1]["sha256"] == rb["files"][1]["sha256"]  # one blob for both
+    with open_blob(store, ra["files"][0]["sha256"]) as f:
+        assert f.read() == b"a" * 1000
+    assert store.backend.stat(blob_path(rb["files"][0]["sha256"]))[1] == 1000
+
+
 # --- CLI --------------------------------------------------------------------------------------------
 
 runner = CliRunner()
