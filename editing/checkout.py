@@ -5,9 +5,11 @@ The weights of version v are defined in fp32 (DESIGN.md, "Versions"):
     S_base = 0,   S_v = S_parent + d_v   (summed in ancestry order),   W_v = base + S_v
 
 where d_v is `Delta.change(name)` of v's own delta, and a version that does not touch a
-tensor adds no term for it. `accumulate` is the one place that sums; both a fresh
-`materialize` and `ResidentModel.checkout` go through it, so their results are
-bit-identical: nothing is ever reverted by subtraction ((x + d) - d != x in floats).
+tensor adds no term for it. A rebase version (consolidate, revert) is a root: S_v = d_v
+(`VersionStore.weights_chain` starts there), so its weights are exact, not a sum that rounds.
+`accumulate` is the one place that sums; both a fresh `materialize` and
+`ResidentModel.checkout` go through it, so their results are bit-identical:
+nothing is ever reverted by subtraction ((x + d) - d != x in floats).
 
 `ResidentModel` keeps one loaded model and moves it from the version it is at to any
 other. It rewrites only the tensors touched on either side since the two versions' last
@@ -127,7 +129,7 @@ def weight(base: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 def materialize(model: torch.nn.Module, store: VersionStore, version: str) -> str:
     """Bring a freshly loaded (base) model to `version` in place; returns the version id."""
     vid = store.resolve(version)
-    chain = store.ancestry(vid)
+    chain = store.weights_chain(vid)
     params = dict(model.named_parameters())
     names = {n for v in chain for n in store.touched(v)}
     sums = accumulate(store, chain, names, params)
@@ -173,7 +175,7 @@ class ResidentModel:
         On error (a corrupt blob, ...) the model stays at the version it was at."""
         with self._lock:
             target = self.store.resolve(name)
-            here, there = self.store.ancestry(self.version), self.store.ancestry(target)
+            here, there = self.store.weights_chain(self.version), self.store.weights_chain(target)
             common = 0
             while common < min(len(here), len(there)) and here[common] == there[common]:
                 common += 1
@@ -220,7 +222,7 @@ class ResidentModel:
             for n in names:
                 if n not in self._pristine:
                     self._pristine[n] = self._params[n].detach().clone()
-            chain = self.store.ancestry(self.version)
+            chain = self.store.weights_chain(self.version)
             sums = accumulate(self.store, chain, names, self._params, self.cache, self.snapshot_every)
             current = {n: self._params[n].detach().clone() for n in names}
             with torch.no_grad():

@@ -42,6 +42,9 @@ class Delta:
 
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     lora: dict[str, LoraFactors] = field(default_factory=dict)
+    # Not weights: what a locate-then-edit version keeps per fact (keys, values; editing/locate.py),
+    # so that consolidate and later edits reuse them. Checkout never reads it.
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         return sorted(set(self.dense) | set(self.lora))
@@ -59,6 +62,7 @@ class Delta:
                 k: LoraFactors(f.A.to(device), f.B.to(device), f.scale, f.fan_in_fan_out)
                 for k, f in self.lora.items()
             },
+            memory={k: v.to(device) for k, v in self.memory.items()},
         )
 
     # --- serialization -------------------------------------------------------------
@@ -71,6 +75,8 @@ class Delta:
             tensors[f"lora_A:{name}"] = f.A.detach().float().contiguous().cpu()
             tensors[f"lora_B:{name}"] = f.B.detach().float().contiguous().cpu()
             lora_meta[name] = {"scale": f.scale, "fan_in_fan_out": f.fan_in_fan_out}
+        for name, t in self.memory.items():
+            tensors[f"memory:{name}"] = t.detach().float().contiguous().cpu()
         # One metadata key: safetensors writes a header map in no fixed order, and the
         # store names a blob by the sha256 of its bytes, so they must be deterministic.
         metadata = {"lmedit": json.dumps({"format": FORMAT, "lora": lora_meta}, sort_keys=True)}
@@ -87,16 +93,18 @@ class Delta:
         if metadata.get("format") != FORMAT:
             raise ValueError(f"not an lmedit delta (format {metadata.get('format')!r})")
         lora_meta = metadata["lora"]
-        dense, lora = {}, {}
+        dense, lora, memory = {}, {}, {}
         for key, t in tensors.items():
             kind, name = key.split(":", 1)
             if kind == "dense":
                 dense[name] = t
+            elif kind == "memory":
+                memory[name] = t
         for name, meta in lora_meta.items():
             lora[name] = LoraFactors(
                 tensors[f"lora_A:{name}"], tensors[f"lora_B:{name}"], meta["scale"], meta["fan_in_fan_out"]
             )
-        return cls(dense=dense, lora=lora)
+        return cls(dense=dense, lora=lora, memory=memory)
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

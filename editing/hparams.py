@@ -27,6 +27,11 @@ class MethodSpec:
         return self.closed_form is not None
 
 
+# Locate-then-edit: δ is one vector per fact, trained fast (MEMIT's v_lr), behind a few
+# model-generated prefixes so the value holds in other contexts; `layers` None = a span of
+# blocks in the lower third (editing/locate.py `default_layers`).
+_LOCATE_DEFAULTS = {"lr": 0.5, "steps": 25, "context_prefixes": 5}
+
 # The one list of edit methods. Per-method defaults were chosen by measurement on
 # counterfact-dev records 0–999 only (benchmarks/tune.py); records 1000+ are for reporting.
 METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
@@ -35,6 +40,10 @@ METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("lora", "peft low-rank adapters on the same module, kept as factors", low_rank=True),
     MethodSpec("ft-k", "change the module only along each fact's whitened key (experimental)", along_keys=True,
                defaults={"lr": 5e-2}),
+    MethodSpec("memit", "locate-then-edit: a trained residual value, written into several MLP projections "
+               "in closed form", closed_form="memit", defaults=_LOCATE_DEFAULTS),
+    MethodSpec("alphaedit", "MEMIT's value, written in the null space of generic keys and of the branch's "
+               "live facts", closed_form="alphaedit", defaults=_LOCATE_DEFAULTS),
 )}
 METHODS = tuple(METHOD_SPECS)
 # The one list of training objectives (editing/objectives.py implements each).
@@ -87,6 +96,25 @@ class EditHparams(BaseModel):
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank.")
     lora_alpha: float = Field(16.0, gt=0, le=1024, description="LoRA alpha (scale = alpha / rank).")
     seed: int = Field(0, ge=0, description="Seed for anything random in an edit.")
+    # --- locate-then-edit (memit, alphaedit; editing/locate.py) ---
+    mom2_weight: float = Field(
+        1e4, gt=0, le=1e8, description="MEMIT λ: weight of the generic keys' second moment C₀ against the new keys.",
+    )
+    nullspace_threshold: float = Field(
+        1e-2, gt=0, le=1.0, description="AlphaEdit: C₀'s eigenvectors with eigenvalue below this times the "
+        "largest span the null space the update is projected onto.",
+    )
+    l2: float = Field(1.0, gt=0, le=1e6, description="AlphaEdit α: ridge of its closed form.")
+    clamp_norm: float = Field(
+        4.0, gt=0, le=100.0, description="Locate-then-edit: the residual value δ is kept within this times the "
+        "norm of the hidden state it is added to.",
+    )
+    value_decay: float = Field(0.5, ge=0, le=100.0, description="Locate-then-edit: weight decay of δ, ‖δ‖²/‖h‖².")
+    c0_source: str = Field(
+        "builtin", max_length=1000, description="Text for C₀ = E[k kᵀ]: 'builtin' (ships with lmedit) or a path to a "
+        "text file or folder of .txt files (e.g. WikiText-2); part of C₀'s cache key.",
+    )
+    c0_tokens: int = Field(100_000, ge=16, le=10_000_000, description="Most tokens of c0_source read for C₀.")
     kl_onehot_weight: float = Field(
         0.1, ge=0.0, le=1.0, description="overtone-kl: weight of the one-hot in the target (the rest is the "
         "model's filtered prediction; note: the opposite of OVERTONE's λ). 1 = cross-entropy, clipped at ε.",

@@ -1,4 +1,7 @@
-"""Keys for ft-k: what an edited module reads at a fact's positions, and how to whiten it.
+"""Keys: what an edited module reads at a fact's positions, and the statistics of ordinary keys.
+
+Used by ft-k (below) and by the locate-then-edit methods (editing/locate.py), whose C₀ =
+E[k kᵀ] over generic text (`second_moment`) says which directions ordinary inputs use.
 
 A fact is written along its key k: the module's input at the subject's last token. The
 change ΔW = U K̃ᵀ answers to any input x with U (K̃ x), so how little it disturbs other
@@ -13,8 +16,10 @@ plus the prose of Python's own reference topics (in every CPython, so nothing is
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+from pathlib import Path
 
 import torch
 
@@ -92,55 +97,97 @@ def module_inputs(model: torch.nn.Module, modules: dict[str, torch.nn.Module], i
     return found
 
 
-def _input_sums(model: torch.nn.Module, tokenizer, modules: dict[str, torch.nn.Module],
-                chunk: int = 16) -> tuple[dict[str, torch.Tensor], int]:
-    """Σ x xᵀ per module over `generic_text` (in, in), and the number of tokens."""
+def text_source(source: str = "builtin", max_chars: int = 2_000_000) -> tuple[str, list[str]]:
+    """(tag, passages) of a text source for C₀: "builtin" (`generic_text`, works from any
+    clone), or a path to a text file or a folder of them, e.g. WikiText-2. The tag names the
+    source in the moment cache (a file's name, size and mtime)."""
+    if source == "builtin":
+        return "builtin", generic_text()
+    path = Path(source).expanduser()
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"C0 text source {source!r}: no such text file or folder of .txt files")
+    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
+    tag = "text-" + hashlib.sha256(f"{path.resolve()}|{stamp}".encode()).hexdigest()[:12]
+    passages, total = [], 0
+    for f in files:
+        for line in f.read_text(errors="replace").splitlines():
+            line = _WIKITEXT_ARTIFACTS.sub(lambda m: m.group(1), line).strip()
+            if len(line) < 80 or line.startswith("="):  # blank lines and WikiText headings
+                continue
+            passages.append(line)
+            total += len(line)
+            if total >= max_chars:
+                return tag, passages
+    return tag, passages
+
+
+_WIKITEXT_ARTIFACTS = re.compile(r" @([.,-])@ ")  # WikiText's tokenized "3 @.@ 5" is "3.5"
+
+
+def _input_sums(model: torch.nn.Module, tokenizer, modules: dict[str, torch.nn.Module], passages: list[str],
+                max_tokens: int, chunk: int = 16) -> tuple[dict[str, torch.Tensor], int]:
+    """Σ x xᵀ per module over `passages` (in, in), and the number of tokens read (≤ max_tokens)."""
+    from tqdm import tqdm
+
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    passages = generic_text()
     device = next(model.parameters()).device
-    for i in range(0, len(passages), chunk):
-        enc = tokenizer(passages[i : i + chunk], return_tensors="pt", padding=True, truncation=True,
-                        max_length=128).to(device)
-        mask = enc.attention_mask.bool()  # (B, L)
-        for name, x in module_inputs(model, modules, enc.input_ids, enc.attention_mask, mask).items():
-            sums[name] = x.T @ x if name not in sums else sums[name] + x.T @ x  # x: (tokens, in)
-        count += int(mask.sum())
-    return sums, count
+    with tqdm(total=max_tokens, desc="C0 key statistics", unit="tok", disable=None, leave=False) as bar:
+        for i in range(0, len(passages), chunk):
+            enc = tokenizer(passages[i : i + chunk], return_tensors="pt", padding=True, truncation=True,
+                            max_length=128).to(device)
+            mask = enc.attention_mask.bool()  # (B, L)
+            take = min(int(mask.sum()), max_tokens - count)  # exactly max_tokens, in reading order
+            for name, x in module_inputs(model, modules, enc.input_ids, enc.attention_mask, mask).items():
+                x = x[:take].double()  # (tokens, in): sums over 10⁵ tokens keep their digits in fp64
+                sums[name] = x.T @ x if name not in sums else sums[name] + x.T @ x
+            count += take
+            bar.update(take)
+            if count >= max_tokens:
+                break
+    return {n: s.float() for n, s in sums.items()}, count
 
 
-_MOMENTS: dict[tuple[str, str], torch.Tensor] = {}
+_MOMENTS: dict[tuple[str, str, str], torch.Tensor] = {}
 
 
-def second_moment(lm, modules: dict[str, torch.nn.Module], ridge: float = 0.05) -> dict[str, torch.Tensor]:
-    """C = E[x xᵀ] + ridge · mean(diag) · I per module (in, in), over `generic_text`.
+def second_moment(lm, modules: dict[str, torch.nn.Module], source: str = "builtin",
+                  max_tokens: int = 100_000) -> dict[str, torch.Tensor]:
+    """C₀ = E[x xᵀ] per module (in, in) over a text source (`text_source`), without any ridge.
 
-    Computed once per base model and module (~10 s on a CPU: the blocks above the edited one
-    are skipped) and kept in memory and in the model cache folder, keyed by the base weights'
-    fingerprint, so later edits and processes read it."""
+    Computed once per base model, module, source and token cap (the blocks above the edited
+    one are skipped; a progress bar shows the pass) and kept in memory and in the model cache
+    folder under all four, so later edits and processes read it."""
     from safetensors.torch import load_file, save_file
 
     from editing.model import default_cache_dir
 
-    path = default_cache_dir() / f"moments-{lm.fingerprint[:16]}.safetensors"
-    if not all((lm.fingerprint, n) in _MOMENTS for n in modules) and path.exists():
+    tag, passages = text_source(source)
+    key = f"{tag}-{max_tokens}"
+    path = default_cache_dir() / f"moments-{lm.fingerprint[:16]}-{key}.safetensors"
+    if not all((lm.fingerprint, key, n) in _MOMENTS for n in modules) and path.exists():
         for n, c in load_file(path).items():
-            _MOMENTS[(lm.fingerprint, n)] = c.to(lm.device)
-    todo = {n: m for n, m in modules.items() if (lm.fingerprint, n) not in _MOMENTS}
+            _MOMENTS[(lm.fingerprint, key, n)] = c.to(lm.device)
+    todo = {n: m for n, m in modules.items() if (lm.fingerprint, key, n) not in _MOMENTS}
     if todo:
-        sums, count = _input_sums(lm.model, lm.tokenizer, todo)
+        sums, count = _input_sums(lm.model, lm.tokenizer, todo, passages, max_tokens)
         for n, s in sums.items():
-            c = s / count  # (in, in)
-            _MOMENTS[(lm.fingerprint, n)] = c + ridge * c.diagonal().mean() * torch.eye(len(c), device=c.device)
+            _MOMENTS[(lm.fingerprint, key, n)] = s / count  # (in, in)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            mine = {n: c.cpu().contiguous() for (fp, n), c in _MOMENTS.items() if fp == lm.fingerprint}
+            mine = {n: c.cpu().contiguous() for (fp, k, n), c in _MOMENTS.items() if fp == lm.fingerprint and k == key}
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             save_file(mine, str(tmp))
             os.replace(tmp, path)  # atomic: a reader never sees half a file
         except OSError:
             pass  # a read-only cache: recomputed per process
-    return {n: _MOMENTS[(lm.fingerprint, n)] for n in modules}
+    return {n: _MOMENTS[(lm.fingerprint, key, n)] for n in modules}
+
+
+def with_ridge(moment: torch.Tensor, ridge: float) -> torch.Tensor:
+    """C + ridge · mean(diag C) · I: invertible even where the text left directions unseen."""
+    return moment + ridge * moment.diagonal().mean() * torch.eye(len(moment), device=moment.device)
 
 
 def whiten(keys: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
@@ -159,4 +206,4 @@ def fact_keys(lm, modules: dict[str, torch.nn.Module], batch, positions: str, wh
     if not whitened:
         return {n: torch.nn.functional.normalize(k, dim=-1) for n, k in keys.items()}
     moments = second_moment(lm, modules)
-    return {n: whiten(k, moments[n]) for n, k in keys.items()}
+    return {n: whiten(k, with_ridge(moments[n], 0.05)) for n, k in keys.items()}

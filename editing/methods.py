@@ -65,9 +65,10 @@ def target_modules(model: torch.nn.Module, hp: EditHparams) -> dict[str, torch.n
     return found
 
 
-def first_layer(modules: dict[str, torch.nn.Module]) -> int:
-    """The lowest block index among edited modules' names."""
-    return min(int(_BLOCK.search(name).group(1)) for name in modules)
+def first_layer(modules: dict[str, torch.nn.Module | None], top: bool = False) -> int:
+    """The lowest (`top`: highest) block index among edited modules' names."""
+    pick = max if top else min
+    return pick(int(_BLOCK.search(name).group(1)) for name in modules)
 
 
 def is_conv1d(module: torch.nn.Module) -> bool:

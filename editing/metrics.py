@@ -107,3 +107,9 @@ def measure(lm: LoadedModel, facts: list[Fact], before: Snapshot, fluency_tokens
         texts = generate(lm, [f.prompt for f in facts], max_new_tokens=fluency_tokens)
         per_fact["fluency"] = [ngram_entropy(f.prompt + " " + t) for f, t in zip(facts, texts)]
     return {k: _mean(v) for k, v in per_fact.items()}
+
+
+def retention(lm: LoadedModel, facts: list[Fact]) -> float:
+    """Sequential editing: the reliability of every fact still in effect, on the weights as they are."""
+    scores = accuracy(lm, [(f.prompt, f.target_new) for f in facts])
+    return sum(scores) / len(scores) if scores else 0.0

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 from editing import metrics
 from editing.checkout import ResidentModel
+from editing.consolidate import check_revertible, rebase, without
 from editing.delta import Delta, apply_delta
 from editing.facts import Fact
-from editing.hparams import EditHparams
+from editing.hparams import DEFAULT_OBJECTIVE, EditHparams, method_spec, resolve_hparams
+from editing.ledger import ledger_of
+from editing.memory import live_keys
 from editing.model import LoadedModel
 from editing.store import NotFoundError, VersionStore
 from editing.train import StepInfo, edit
@@ -80,8 +83,11 @@ class EditSession:
             parent = self.store.head(branch)
             self.resident.checkout(parent)
         before = metrics.snapshot(lm, facts)
+        protect = None
+        if self.store is not None and method_spec(method).closed_form == "alphaedit":
+            protect = live_keys(self.store, ledger_of(self.store, parent))  # the branch's facts stay put
         result = edit(lm, facts, method=method, objective=objective, hparams=hparams,
-                      on_step=on_step, is_canceled=is_canceled)
+                      on_step=on_step, is_canceled=is_canceled, live_keys=protect)
         stats = {"steps": result.steps, "edit_seconds": round(result.seconds, 4)}
         if self.store is None:
             apply_delta(lm.model, result.delta)  # in memory: the model stays edited
@@ -97,4 +103,44 @@ class EditSession:
         )
         self.resident.checkout(manifest["id"])
         return EditOutcome(manifest["id"], parent, measured, result.seconds, result.steps, result.delta, manifest)
+
+    def rebase(
+        self,
+        branch: str = "main",
+        method: str = "alphaedit",
+        objective: str = DEFAULT_OBJECTIVE,
+        hparams: dict | None = None,
+        revert: list[str] | None = None,
+        job_id: str | None = None,
+        key_id: str | None = None,
+        on_progress: Callable[[str, int, int], None] | None = None,
+    ) -> EditOutcome:
+        """Consolidate the branch (every live fact solved together from base), or with `revert`
+        (fact ids), the same without those facts: one new rebase version on top of the head."""
+        if self.store is None:
+            raise NotFoundError("consolidate and revert need a version store")
+        store, lm = self.store, self.lm
+        parent = store.head(branch)
+        if job_id is not None and (done := store.find_job(parent, job_id)) is not None:
+            return EditOutcome(done["id"], done["parent"], done["metrics"], 0.0, 0, Delta(), done)
+        current = ledger_of(store, parent)
+        target = current
+        if revert:
+            check_revertible(store, current, revert)
+            target = without(current, revert)
+        self.resident.checkout("base")  # solved from base: the rebase delta is the whole sum
+        made = rebase(lm, store, target, method, objective, hparams, op="revert" if revert else "consolidate",
+                      reverted=revert, on_progress=on_progress)
+        facts = [Fact.from_dict(f.fact) for f in target.live]
+        with self.resident.preview(made.delta):
+            measured = {"retention": metrics.retention(lm, facts) if facts else None,
+                        "facts": len(target.live), "solved": len(made.solved), "reused_values": made.reused_values,
+                        "kept_versions": len(made.op["kept"]), "seconds": round(made.seconds, 3)}
+        manifest = store.commit(
+            branch, made.delta, parent=parent, facts=[], method=method, objective=objective,
+            hparams=resolve_hparams(method, hparams).model_dump(), metrics=measured, job_id=job_id,
+            key_id=key_id, base_fingerprint=lm.fingerprint, rebase=made.op,
+        )
+        self.resident.checkout(manifest["id"])
+        return EditOutcome(manifest["id"], parent, measured, made.seconds, 0, made.delta, manifest)
 

@@ -291,6 +291,15 @@ class VersionStore:
             vid = parent
         return chain[::-1]
 
+    def weights_chain(self, name: str) -> list[str]:
+        """The versions whose deltas sum to S_v, in order: from the last rebase version at or
+        before `name` (S_rebase = its own delta), else from base. Checkout and diff use this."""
+        chain = self.ancestry(name)
+        for i in range(len(chain) - 1, 0, -1):
+            if self._manifest(chain[i]).get("rebase"):
+                return chain[i:]
+        return chain
+
     def log(self, name: str = "main") -> list[dict]:
         """Manifests from `name` back to base, newest first."""
         return [copy.deepcopy(self._manifest(v)) for v in reversed(self.ancestry(name))]
@@ -323,23 +332,24 @@ class VersionStore:
     def diff(self, a: str, b: str) -> dict:
         """What differs between versions a and b: the tensors touched on either side since their
         last common ancestor, and the facts b has that a lacks (added) and vice versa (removed)."""
-        chain_a, chain_b = self.ancestry(a), self.ancestry(b)
-        common = 0
+        from editing.ledger import ledger_of
+
+        history_a, history_b = self.ancestry(a), self.ancestry(b)
+        common_ancestor = [v for v, w in zip(history_a, history_b) if v == w][-1]
+        chain_a, chain_b = self.weights_chain(a), self.weights_chain(b)
+        common = 0  # chains that start at different rebase roots share nothing
         while common < min(len(chain_a), len(chain_b)) and chain_a[common] == chain_b[common]:
             common += 1
         tensors = set()
         for vid in chain_a[common:] + chain_b[common:]:
             tensors.update(self.touched(vid))
-
-        def facts(chain: list[str]) -> dict[bytes, dict]:
-            return {_canonical(f): f for v in chain for f in self._manifest(v)["facts"]}
-
-        facts_a, facts_b = facts(chain_a), facts(chain_b)
+        live_a = {f.fact_id: f for f in ledger_of(self, history_a[-1]).live}
+        live_b = {f.fact_id: f for f in ledger_of(self, history_b[-1]).live}
         return {
-            "a": chain_a[-1], "b": chain_b[-1], "common_ancestor": chain_a[common - 1],
+            "a": history_a[-1], "b": history_b[-1], "common_ancestor": common_ancestor,
             "tensors": sorted(tensors),
-            "facts_added": [f for k, f in facts_b.items() if k not in facts_a],
-            "facts_removed": [f for k, f in facts_a.items() if k not in facts_b],
+            "facts_added": [f.fact for k, f in live_b.items() if k not in live_a],
+            "facts_removed": [f.fact for k, f in live_a.items() if k not in live_b],
         }
 
     def load_delta(self, name: str) -> Delta:
@@ -380,9 +390,13 @@ class VersionStore:
         job_id: str | None = None,
         key_id: str | None = None,
         base_fingerprint: str | None = None,
+        rebase: dict | None = None,
     ) -> dict:
         """Record `delta` (made on top of version `parent`) as a new version on `branch`.
 
+        `rebase`: the version is a rebase (consolidate, revert): its delta is the whole sum,
+        S_v = d_v, and the parent link is history only (`weights_chain`); the dict says what it
+        does to the branch's facts (editing/ledger.py) and goes into the manifest as `ledger`.
         ConflictError if the branch no longer points at `parent`. If `job_id` is already in
         the branch's ancestry, that version's manifest is returned and nothing is written.
         `base_fingerprint` (default: the one the store was opened with) must be the store's.
@@ -393,7 +407,7 @@ class VersionStore:
                 f"{self.base_fingerprint[:16]}…"
             )
         head = self.head(branch)
-        if job_id is not None and (done := self._find_job(head, job_id)) is not None:
+        if job_id is not None and (done := self.find_job(head, job_id)) is not None:
             return done
         if head != parent:
             raise ConflictError(f"branch {branch!r} moved: it is at {head}, not at the parent {parent}")
@@ -409,9 +423,12 @@ class VersionStore:
             "format_version": FORMAT_VERSION, "parent": parent, "branch": branch, "created_at": _now(),
             "base_fingerprint": self.base_fingerprint, "facts": _plain(list(facts)),
             "method": method, "objective": objective, "hparams": _plain(dict(hparams)),
-            "delta": {"object": sha, "bytes": len(data), "tensors": names, "kind": kind},
+            "delta": {"object": sha, "bytes": len(data), "tensors": names, "kind": kind,
+                      **({"memory": True} if delta.memory else {})},
             "metrics": _plain(dict(metrics)), "job_id": job_id, "key_id": key_id,
         }
+        if rebase is not None:  # only then: the ids of ordinary manifests stay as they were
+            manifest.update(rebase=True, ledger=_plain(dict(rebase)))
         manifest["id"] = _version_id(manifest)
         self.backend.write(
             f"versions/{manifest['id']}.json", json.dumps(manifest, indent=1, sort_keys=True).encode()
@@ -421,12 +438,12 @@ class VersionStore:
             self._move_ref("branches", branch, parent, manifest["id"], "commit")
         except ConflictError:
             # A retry racing its own earlier attempt: the job may have landed meanwhile.
-            if job_id is not None and (done := self._find_job(self.head(branch), job_id)) is not None:
+            if job_id is not None and (done := self.find_job(self.head(branch), job_id)) is not None:
                 return done
             raise
         return dict(manifest)
 
-    def _find_job(self, head: str, job_id: str) -> dict | None:
+    def find_job(self, head: str, job_id: str) -> dict | None:
         for vid in reversed(self.ancestry(head)):
             if self._manifest(vid)["job_id"] == job_id:
                 return copy.deepcopy(self._manifest(vid))

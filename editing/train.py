@@ -22,6 +22,7 @@ from editing.facts import Fact
 from editing.frozen_layers import skip_frozen_layers
 from editing.hparams import EditHparams, resolve_hparams
 from editing.keys import fact_keys
+from editing.locate import closed_form_delta, default_layers, residual_values
 from editing.methods import first_layer, get_method, only_at, target_modules, trainable
 from editing.model import LoadedModel
 from editing.objectives import TokenStats, objective_loss
@@ -95,14 +96,23 @@ def edit(
     hparams: EditHparams | dict | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     is_canceled: Callable[[], bool] | None = None,
+    live_keys: dict[str, torch.Tensor] | None = None,
 ) -> EditResult:
-    """Train `facts` into the model's weights and return the delta; the model is left unchanged."""
+    """Train `facts` into the model's weights and return the delta; the model is left unchanged.
+
+    `live_keys` ({module name: (N, in)}): keys of the facts already in effect on the branch,
+    which alphaedit keeps in place (editing/locate.py)."""
     if not facts:
         raise ValueError("an edit needs at least one fact")
     m = get_method(method)
     hp = hparams if isinstance(hparams, EditHparams) else resolve_hparams(method, hparams)
     model, tok = lm.model, lm.tokenizer
     device = lm.device
+    if m.closed_form:
+        if any(not f.subject for f in facts):
+            raise EditError(f"{method} needs every fact's subject: it finds the fact's key there")
+        hp = hp.model_copy(update={"positions": "subject_last",
+                                   "layers": hp.layers if hp.layers is not None else default_layers(model)})
 
     # The facts' own prompts first, then each behind every context prefix.
     pairs = [(f.prompt, f.target_new) for f in facts]
@@ -118,12 +128,19 @@ def edit(
     result = EditResult(delta=Delta(), method=method, objective=objective, hparams=hp, steps=0,
                         stopped_early=False, seconds=0.0,
                         target_tokens=tok.convert_ids_to_tokens(batch.labels[own_tokens].tolist()))
+    penalty = project = values = None
     with ExitStack() as stack:
-        keys = fact_keys(lm, target_modules(model, hp), batch, hp.positions, hp.whiten) if m.along_keys else None
-        params, make_delta, originals, modules, frozen = stack.enter_context(trainable(model, m, hp, keys))
-        if hp.positions != "all":
-            stack.enter_context(only_at(modules, frozen, batch.subject_mask))
-        inputs = stack.enter_context(skip_frozen_layers(model, first_layer(modules), batch))
+        if m.closed_form:  # train the residual value δ at the top edited block; ΔW comes after the loop
+            top = first_layer({n: None for n in target_modules(model, hp)}, top=True)
+            params, penalty, project, values = stack.enter_context(residual_values(model, top, batch, own, hp))
+            make_delta, originals, first = None, {}, top
+        else:
+            keys = fact_keys(lm, target_modules(model, hp), batch, hp.positions, hp.whiten) if m.along_keys else None
+            params, make_delta, originals, modules, frozen = stack.enter_context(trainable(model, m, hp, keys))
+            if hp.positions != "all":
+                stack.enter_context(only_at(modules, frozen, batch.subject_mask))
+            first = first_layer(modules)
+        inputs = stack.enter_context(skip_frozen_layers(model, first, batch))
         optimizer = torch.optim.Adam(params, lr=hp.lr)
         for step in range(hp.steps + 1):  # the extra pass checks the stop rule after the last step
             if is_canceled is not None and is_canceled():
@@ -145,12 +162,18 @@ def edit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if project is not None:
+                project()
             if hp.norm_constraint is not None and originals:
                 with torch.no_grad():
                     for p, orig in zip(params, originals.values()):
                         p.copy_(torch.clamp(p, orig - hp.norm_constraint, orig + hp.norm_constraint))
             result.steps += 1
-        delta = make_delta()
+        delta = make_delta() if make_delta is not None else None
+        z = values() if values is not None else None
+    if m.closed_form:  # with the full model back: the closed form reads keys below the top block
+        delta, memory = closed_form_delta(lm, m.closed_form, hp, batch, own, z, live_keys)
+        delta.memory = memory.to_tensors()
     bad = [n for n in delta.names() if not torch.isfinite(delta.change(n)).all()]
     if bad:
         raise EditError(f"edit produced non-finite weights in {bad[:3]}")

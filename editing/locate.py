@@ -1,0 +1,242 @@
+"""Locate-then-edit: MEMIT and AlphaEdit on the shared training loop (DESIGN.md, "Editing").
+
+The MLP output projection W (out, in) of each edited block is read as a key→value memory:
+the key k of a fact is W's input at the subject's last token, averaged over the fact's
+prompt and its model-generated context prefixes. An edit has two steps:
+
+1. value (trained, on editing/train.py's loop with the request's objective, ce or overtone):
+   a residual vector δ per fact added to the output of the top edited block at the
+   subject's last token, so that the model then predicts the new target. z = h + δ is the
+   hidden state the top block should produce for that subject.
+2. closed form (here): for each edited block l, bottom to top, the share of z − h_cur that
+   is still missing is written into W_l along the keys:
+     memit:      ΔW = R Kᵀ (λ C₀ + K Kᵀ)⁻¹
+     alphaedit:  ΔW = R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + α I)⁻¹
+   with K (in, F) the facts' keys, R (out, F) the residuals, C₀ = E[k kᵀ] over generic text
+   (editing/keys.py), P the projector onto C₀'s null space (its eigenvectors whose
+   eigenvalues fall below a threshold), and K_p the keys of the facts still in effect on the
+   branch. AlphaEdit's ΔW annihilates every key C₀ has seen (ΔW k₀ = 0 up to the threshold),
+   so edits stacked on a branch leave preserved knowledge and each other in place.
+
+The update has rank ≤ F: it is stored as factors (A = the solved keys, B = R). Each fact's
+keys and value go into the delta's `memory`, so that consolidate can reuse the values and
+later alphaedit edits can protect the keys without recomputing anything.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from editing.delta import Delta, LoraFactors
+from editing.hparams import EditHparams
+from editing.keys import second_moment
+from editing.methods import _BLOCK, is_conv1d, target_modules
+from editing.model import LoadedModel
+from editing.tokens import PairBatch
+
+
+def blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder's block list (llama-style `layers`, GPT-2's `h`)."""
+    base = getattr(model, model.base_model_prefix)
+    return base.layers if hasattr(base, "layers") else base.h
+
+
+def default_layers(model: torch.nn.Module) -> list[int]:
+    """Five consecutive blocks in the lower third, as MEMIT edits (Llama-3-8B: 4–8 of 32);
+    SmolLM2's 30 blocks give 4–8, a tiny test model what fits."""
+    n = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layer
+    low, high = round(n * 4 / 30), round(n * 8 / 30)
+    return list(range(min(low, n - 1), min(high, n - 1) + 1))
+
+
+def block_of(name: str) -> int:
+    return int(_BLOCK.search(name).group(1))
+
+
+def _hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_hidden(out, hidden: torch.Tensor):
+    return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+
+@dataclass
+class Memory:
+    """What a locate-then-edit version keeps per fact (rows in the order of its facts)."""
+
+    keys: dict[str, torch.Tensor]  # module name -> (F, in), each fact's key averaged over its contexts
+    values: torch.Tensor  # (F, H) z: the hidden state the top edited block should give at the subject
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values, **{f"keys:{n}": k for n, k in self.keys.items()}}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Memory | None:
+        if "values" not in tensors:
+            return None
+        keys = {k.split(":", 1)[1]: t for k, t in tensors.items() if k.startswith("keys:")}
+        return cls(keys=keys, values=tensors["values"])
+
+
+@contextmanager
+def residual_values(model: torch.nn.Module, top: int, batch: PairBatch, n_facts: int, hp: EditHparams):
+    """Step 1: δ (F, H) trained from zero, added to block `top`'s output at each row's subject
+    position (`batch.subject_mask`); row r belongs to fact r % n_facts. Yields
+    (params, penalty, project, values): `penalty()` is MEMIT's weight decay ‖δ‖²/‖h‖², `project()`
+    clamps each ‖δ‖ to `hp.clamp_norm` · ‖h‖ after a step, `values()` gives z = h + δ (F, H)."""
+    block = blocks(model)[top]
+    hidden_size = model.config.hidden_size
+    device = batch.input_ids.device
+    delta = torch.zeros(n_facts, hidden_size, device=device, requires_grad=True)
+    fact_of_row = torch.arange(len(batch.input_ids), device=device) % n_facts  # (B,)
+    mask = batch.subject_mask  # (B, L): one position per row (the subject's last token)
+    own_rows = torch.arange(n_facts, device=device)
+    h0: list[torch.Tensor] = []  # block output at the facts' own subject positions, before any change
+
+    def hook(module, args, out):
+        hidden = _hidden(out)  # (B, L, H)
+        if not h0:
+            h0.append(_at_subject(hidden.detach(), mask)[own_rows].float())  # (F, H)
+        shift = delta.to(hidden.dtype)[fact_of_row][:, None, :] * mask[..., None]  # (B, L, H)
+        return _replace_hidden(out, hidden + shift)
+
+    def penalty() -> torch.Tensor:
+        if not h0 or hp.value_decay == 0:
+            return delta.sum() * 0
+        return hp.value_decay * ((delta.norm(dim=-1) / h0[0].norm(dim=-1)) ** 2).mean()
+
+    def project() -> None:
+        with torch.no_grad():
+            limit = hp.clamp_norm * h0[0].norm(dim=-1, keepdim=True)  # (F, 1)
+            norm = delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            delta.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm)))
+
+    def values() -> torch.Tensor:
+        return (h0[0] + delta.detach()).float()  # (F, H)
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield [delta], penalty, project, values
+    finally:
+        handle.remove()
+
+
+def _at_subject(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, H): each row's hidden state at its subject position (the mean if several are set)."""
+    weights = mask.to(hidden.dtype)  # (B, L)
+    return (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
+
+
+class _Enough(Exception):
+    pass
+
+
+@torch.no_grad()
+def read_keys_and_top(model: torch.nn.Module, modules: dict[str, torch.nn.Module], top: int, batch: PairBatch,
+                      n_facts: int, chunk: int = 64) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each module's input at the subject position averaged over every context of a fact
+    ({name: (F, in)}), and block `top`'s output there for the facts' own prompts (F, H)."""
+    sums: dict[str, torch.Tensor] = {}
+    tops = []
+    block = blocks(model)[top]
+    for start in range(0, len(batch.input_ids), chunk):
+        rows = slice(start, start + chunk)
+        mask = batch.subject_mask[rows]
+        found: dict[str, torch.Tensor] = {}
+
+        def pre_hook_for(name, mask=mask, found=found):
+            def hook(module, args):
+                found[name] = _at_subject(args[0].float(), mask)  # (b, in)
+            return hook
+
+        def top_hook(module, args, out, mask=mask, found=found):
+            found["__top__"] = _at_subject(_hidden(out).float(), mask)  # (b, H)
+            raise _Enough
+
+        handles = [m.register_forward_pre_hook(pre_hook_for(n)) for n, m in modules.items()]
+        handles.append(block.register_forward_hook(top_hook))
+        try:
+            model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows])
+        except _Enough:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        fact = torch.arange(start, start + len(mask), device=mask.device) % n_facts  # (b,)
+        for name in modules:
+            acc = sums.setdefault(name, torch.zeros(n_facts, found[name].shape[1], device=mask.device))
+            acc.index_add_(0, fact, found[name])
+        tops.append(found["__top__"])
+    contexts = len(batch.input_ids) // n_facts
+    return {n: s / contexts for n, s in sums.items()}, torch.cat(tops)[:n_facts]
+
+
+def null_space_projector(c0: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P (in, in) onto the span of C₀'s eigenvectors whose eigenvalue is below
+    `threshold` · (largest eigenvalue): the directions no generic key uses."""
+    eigenvalues, vectors = torch.linalg.eigh(c0.double())  # ascending
+    small = vectors[:, eigenvalues < threshold * eigenvalues[-1]]  # (in, r)
+    return (small @ small.T).float()
+
+
+_PROJECTORS: dict[tuple[int, float], torch.Tensor] = {}
+
+
+def solve_update(closed_form: str, keys: torch.Tensor, residuals: torch.Tensor, c0: torch.Tensor,
+                 hp: EditHparams, live_keys: torch.Tensor | None = None) -> LoraFactors:
+    """The closed form for one layer. keys (F, in), residuals (F, out) → factors of ΔW (out, in)."""
+    K = keys.T.double()  # (in, F)
+    if closed_form == "memit":
+        A = hp.mom2_weight * c0.double() + K @ K.T  # (in, in), symmetric
+        solved = torch.linalg.solve(A, K)  # (in, F) = A⁻¹ K, so ΔW = R (A⁻¹K)ᵀ
+    elif closed_form == "alphaedit":
+        key = (id(c0), hp.nullspace_threshold)
+        if key not in _PROJECTORS:  # one eigendecomposition per C₀ and threshold, not per edit
+            _PROJECTORS[key] = null_space_projector(c0, hp.nullspace_threshold)
+        P = _PROJECTORS[key].double().to(K.device)  # (in, in)
+        C = K @ K.T  # (in, in)
+        if live_keys is not None and len(live_keys):
+            Kp = live_keys.T.double().to(K.device)  # (in, N_p)
+            C = C + Kp @ Kp.T
+        M = P @ C + hp.l2 * torch.eye(len(P), dtype=P.dtype, device=P.device)  # (in, in)
+        solved = torch.linalg.solve(M, P @ K)  # (in, F) = M⁻¹ P K, so ΔWᵀ = M⁻¹ P K Rᵀ
+    else:
+        raise ValueError(f"unknown closed form {closed_form!r}")
+    return LoraFactors(A=solved.T.float().contiguous(), B=residuals.T.float().contiguous(), scale=1.0)
+
+
+def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch: PairBatch, n_facts: int,
+                      values: torch.Tensor, live_keys: dict[str, torch.Tensor] | None = None
+                      ) -> tuple[Delta, Memory]:
+    """Step 2: write z = `values` (F, H) into the edited projections, bottom to top; each layer
+    takes an equal share of what is still missing. The model is left as it was."""
+    model = lm.model
+    modules = target_modules(model, hp)
+    order = sorted(modules, key=block_of)
+    top = block_of(order[-1])
+    c0 = second_moment(lm, modules, source=hp.c0_source, max_tokens=hp.c0_tokens)
+    originals = {n: modules[n].weight.detach().clone() for n in order}
+    factors: dict[str, LoraFactors] = {}
+    first_keys: dict[str, torch.Tensor] = {}
+    try:
+        for i, name in enumerate(order):
+            keys, current = read_keys_and_top(model, modules, top, batch, n_facts)  # (F, in), (F, H)
+            first_keys[name] = keys[name]
+            residuals = (values.to(current.device) - current) / (len(order) - i)  # (F, H)
+            live = None if live_keys is None else live_keys.get(name)
+            f = solve_update(closed_form, keys[name], residuals, c0[name], hp, live)
+            f.fan_in_fan_out = is_conv1d(modules[name])
+            factors[f"{name}.weight"] = f
+            with torch.no_grad():  # the layers above see this one's update
+                w = modules[name].weight
+                w.copy_((w.float() + f.dense().to(w.device)).to(w.dtype))
+    finally:
+        with torch.no_grad():
+            for n, w in originals.items():
+                modules[n].weight.copy_(w)
+    memory = Memory(keys={n: k.cpu() for n, k in first_keys.items()}, values=values.cpu())
+    return Delta(lora=factors), memory

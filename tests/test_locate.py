@@ -1,0 +1,102 @@
+"""Locate-then-edit (memit, alphaedit), the fact ledger, consolidate and revert, on tiny models."""
+
+from __future__ import annotations
+
+import torch
+
+from editing.checkout import ResidentModel, materialize
+from editing.facts import Fact
+from editing.hparams import resolve_hparams
+from editing.keys import module_inputs, second_moment, text_source
+from editing.ledger import ledger_of
+from editing.locate import solve_update
+from editing.methods import target_modules
+from editing.session import EditSession
+from editing.train import edit
+from tests.tiny import tiny_llama
+
+FAST = {"context_prefixes": 1, "steps": 5}
+
+
+def test_closed_form_writes_each_key_to_its_value():
+    torch.manual_seed(0)
+    keys, residuals = torch.randn(3, 64), torch.randn(3, 32)  # (F, in), (F, out)
+    u = torch.linalg.qr(torch.randn(64, 64)).Q
+    c0 = u @ torch.diag(torch.cat([torch.ones(32), torch.zeros(32)])) @ u.T  # half the directions unused
+    for form, hp in [("memit", {"mom2_weight": 1e-6}), ("alphaedit", {"l2": 1e-6})]:
+        f = solve_update(form, keys, residuals, c0, resolve_hparams(form, hp))
+        written = keys @ f.dense().T  # (F, out) = ΔW k for each key
+        assert torch.allclose(written, residuals, atol=1e-3), form
+
+
+def test_alphaedit_leaves_generic_keys_in_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMEDIT_CACHE_DIR", str(tmp_path))
+    lm = tiny_llama(layers=4)
+    fact = Fact("The capital of Japan is", "Rome", subject="Japan")
+    # 40 generic tokens in a 64-dimensional key space: C₀ has a true null space, as a real
+    # model's wide MLP has over its generic text; those 40 keys are the preserved set.
+    hp = {**FAST, "c0_tokens": 40, "l2": 1e-3, "nullspace_threshold": 1e-6}
+    result = edit(lm, [fact], method="alphaedit", hparams=hp)
+    modules = target_modules(lm.model, result.hparams)
+    second_moment(lm, modules, max_tokens=40)
+    _, passages = text_source("builtin")
+    enc = lm.tokenizer(passages[:16], return_tensors="pt", padding=True, truncation=True, max_length=128)
+    keys = module_inputs(lm.model, modules, enc.input_ids, enc.attention_mask, enc.attention_mask.bool())
+    keys = {n: k[:40] for n, k in keys.items()}
+    moved = False
+    for name, k0 in keys.items():  # (T, in)
+        w = modules[name].weight.detach()  # (out, in)
+        change = result.delta.change(f"{name}.weight")
+        ratio = (k0 @ change.T).norm(dim=-1) / (k0 @ w.T).norm(dim=-1)
+        assert ratio.max() <= 1e-3, (name, float(ratio.max()))
+        moved = moved or change.abs().max() > 0
+    assert moved  # the edit did change the weights, just not along generic keys
+
+
+def _session(tmp_path, monkeypatch) -> EditSession:
+    monkeypatch.setenv("LMEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    return EditSession(tiny_llama(layers=4), str(tmp_path / "store"))
+
+
+def test_ledger_supersede_consolidate_revert(tmp_path, monkeypatch):
+    s = _session(tmp_path, monkeypatch)
+    rome = s.edit([Fact("The capital of Japan is", "Rome", subject="Japan")], method="memit", hparams=FAST)
+    s.edit([Fact("Madrid is in", "England", subject="Madrid")], method="alphaedit", hparams=FAST)
+    paris = s.edit([Fact("The  capital of JAPAN is", "Paris", subject="Japan")], method="alphaedit", hparams=FAST)
+    s.edit([Fact("Toko Yasuda plays the", "violin")], method="ft-m", hparams={"steps": 3})
+    ledger = ledger_of(s.store, "main").to_dict()
+    assert [f["target_new"] for f in ledger["facts"]] == ["England", "Paris", "violin"]
+    assert [(f["target_new"], f["superseded_by"]) for f in ledger["superseded"]] == [
+        ("Rome", f"{paris.version[:12]}-0")]
+
+    consolidated = s.rebase("main", method="alphaedit", hparams=FAST)
+    manifest = consolidated.manifest
+    assert manifest["rebase"] is True and manifest["ledger"]["op"] == "consolidate"
+    assert manifest["ledger"]["kept"] == [ledger["facts"][2]["version"]]  # no subject: its delta is kept
+    assert consolidated.metrics["reused_values"] == 2
+    after = ledger_of(s.store, "main").to_dict()
+    assert after["facts"] == ledger["facts"] and s.store.weights_chain("main") == [consolidated.version]
+
+    reverted = s.rebase("main", method="alphaedit", hparams=FAST, revert=[f"{paris.version[:12]}-0"])
+    final = ledger_of(s.store, "main").to_dict()
+    assert [f["target_new"] for f in final["facts"]] == ["Rome", "England", "violin"]  # Rome is back
+    assert final["facts"][0]["fact_id"] == f"{rome.version[:12]}-0"
+    assert [(f["target_new"], f["reverted_by"]) for f in final["reverted"]] == [("Paris", reverted.version)]
+    assert len(s.store.ancestry("main")) == 7  # history kept: base, four edits, two rebases
+
+
+def test_rebase_checks_out_bit_identical_from_any_version(tmp_path, monkeypatch):
+    s = _session(tmp_path, monkeypatch)
+    versions = [s.edit([Fact(p, t, subject=subj)], method="memit", hparams=FAST).version
+                for p, t, subj in [("The capital of Japan is", "Rome", "Japan"), ("Madrid is in", "England", "Madrid")]]
+    versions.append(s.rebase("main", method="memit", hparams=FAST).version)
+    fresh = tiny_llama(layers=4)
+    materialize(fresh.model, s.store, versions[-1])
+    expected = {n: p.detach().clone() for n, p in fresh.model.named_parameters()}
+    for start in ["base", *versions]:
+        lm = tiny_llama(layers=4)
+        resident = ResidentModel(lm.model, s.store, fingerprint=lm.fingerprint)
+        resident.checkout(start)
+        resident.checkout(versions[-1])
+        for n, p in lm.model.named_parameters():
+            assert torch.equal(p, expected[n]), (start, n)
