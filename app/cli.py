@@ -91,6 +91,55 @@ def _cached_results(path: Path | None, config: dict) -> dict:
     return done
 
 
+def _rebase(branch: str, revert: list[str] | None, method: str, objective: str, hparams: str | None,
+            store: str | None, model: str | None, as_json: bool) -> None:
+    from editing.session import EditSession
+
+    hp = _hparams(hparams)
+    lm = _load(model)
+    with console.status("re-solving the branch's facts together …"):
+        try:
+            session = EditSession(lm, store or get_settings().store, create=False)
+            outcome = session.rebase(branch, method=method, objective=objective, hparams=hp, revert=revert)
+        except Exception as e:  # noqa: BLE001 - every failure is reported, none is a traceback
+            fail(f"{type(e).__name__}: {e}")
+    if as_json:
+        print(json.dumps({"version": outcome.version, "parent": outcome.parent, "metrics": outcome.metrics,
+                          "ledger": outcome.manifest["ledger"]}))
+        return
+    console.print(f"{outcome.version} on {branch} (a rebase of {outcome.parent[:12]}): {outcome.metrics}")
+
+
+@app.command()
+def consolidate(
+    branch: str = typer.Argument("main", help="Branch whose facts in effect to re-solve together"),
+    method: str = typer.Option("alphaedit", help="The locate-then-edit method that re-solves them"),
+    objective: str = typer.Option(DEFAULT_OBJECTIVE, help=OBJECTIVE_HELP),
+    hparams: str | None = typer.Option(None, help="JSON object of hyperparameters"),
+    store: str | None = typer.Option(None, help=STORE_HELP),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """One new version on top of BRANCH: base plus every live fact solved together (a rebase)."""
+    _rebase(branch, None, method, objective, hparams, store, model, as_json)
+
+
+@app.command()
+def revert(
+    branch: str = typer.Argument(..., help="Branch to revert facts on"),
+    fact_ids: list[str] = typer.Argument(..., help="Fact ids (see `lmedit facts BRANCH`)"),
+    method: str = typer.Option("alphaedit", help="The locate-then-edit method that re-solves the rest"),
+    objective: str = typer.Option(DEFAULT_OBJECTIVE, help=OBJECTIVE_HELP),
+    hparams: str | None = typer.Option(None, help="JSON object of hyperparameters"),
+    store: str | None = typer.Option(None, help=STORE_HELP),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """A new version in which these facts are no longer in effect and every other still is (a fact that
+    had superseded another brings it back): consolidating without them, never a subtraction."""
+    _rebase(branch, fact_ids, method, objective, hparams, store, model, as_json)
+
+
 @app.command()
 def edit(
     facts_file: Path | None = typer.Argument(None, help="A JSON file of facts (edited together)"),

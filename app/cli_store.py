@@ -216,9 +216,35 @@ def gc(
         out.print(f"{removed} removed ({freed:,} bytes), {result['kept']} kept")
 
 
+def facts(
+    branch: Annotated[str, typer.Argument(help="Branch whose facts in effect to list")] = "main",
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The facts in effect on BRANCH (fact id, introducing version), and superseded / reverted ones."""
+    from editing.ledger import ledger_of
+
+    with _handled():
+        st = _open(store)
+        ledger = ledger_of(st, st.head(branch)).to_dict()
+    if as_json:
+        _echo_json({k: ledger[k] for k in ("facts", "superseded", "reverted")})
+        return
+    table = Table(title=f"facts in effect on {branch} ({len(ledger['facts'])})")
+    for col in ("fact id", "fact", "subject", "version"):
+        table.add_column(col)
+    for f in ledger["facts"]:
+        table.add_row(f["fact_id"], _fact_text(f), f["subject"] or "", f["version"][:12])
+    out.print(table)
+    for f in ledger["superseded"]:
+        out.print(f"superseded {f['fact_id']} {_fact_text(f)} by {f['superseded_by']}")
+    for f in ledger["reverted"]:
+        out.print(f"reverted   {f['fact_id']} {_fact_text(f)} by {f['reverted_by'][:12]}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the store commands to the main `lmedit` app."""
-    for command in (versions, show, diff, tag, rollback, branch):
+    for command in (versions, show, diff, tag, rollback, branch, facts):
         app.command()(command)
     store_app = typer.Typer(no_args_is_help=True, help="Store maintenance: fsck, gc.")
     store_app.command()(fsck)

@@ -100,3 +100,31 @@ def test_diagnose_writes_json_and_png(model_dir, tmp_path):
     trace = result["objectives"]["ce"]["p"]
     assert len(trace) == 6 and len(result["tokens"]) == len(trace[0])
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_facts_consolidate_revert(model_dir, tmp_path):
+    store = tmp_path / "store"
+    fast = json.dumps({"context_prefixes": 1, "steps": 3})
+    for prompt, target in [("The capital of Japan is", "Rome"), ("The capital of Japan is", "Paris")]:
+        code, out = run("edit", "--prompt", prompt, "--target", target, "--subject", "Japan", "--method", "memit",
+                        "--model", model_dir, "--store", store, "--hparams", fast, "--json")
+        assert code == 0, out
+    code, out = run("facts", "main", "--store", store, "--json")
+    assert code == 0, out
+    ledger = json.loads(out)
+    assert [f["target_new"] for f in ledger["facts"]] == ["Paris"]
+    assert [f["target_new"] for f in ledger["superseded"]] == ["Rome"] and ledger["reverted"] == []
+
+    code, out = run("consolidate", "main", "--method", "memit", "--model", model_dir, "--store", store,
+                    "--hparams", fast, "--json")
+    assert code == 0, out
+    assert json.loads(out)["ledger"]["solved"] == [ledger["facts"][0]["fact_id"]]
+    code, out = run("revert", "main", ledger["facts"][0]["fact_id"], "--method", "memit", "--model", model_dir,
+                    "--store", store, "--hparams", fast, "--json")
+    assert code == 0, out
+    code, out = run("facts", "main", "--store", store, "--json")
+    after = json.loads(out)
+    assert [f["target_new"] for f in after["facts"]] == ["Rome"]  # the superseded answer is back
+    assert [f["target_new"] for f in after["reverted"]] == ["Paris"]
+    code, out = run("facts", "nope", "--store", store)
+    assert code == 1

@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from app.deps import EditKey, ReadKey, StoreDep
-from app.schemas.versions import Branch, BranchCreate, Diff, Refs, RollbackRequest, TagCreate, Version
+from app.schemas.versions import Branch, BranchCreate, Diff, Facts, Refs, RollbackRequest, TagCreate, Version
+from editing.ledger import ledger_of
 
 router = APIRouter(tags=["versions"])
 NOT_FOUND = {404: {"description": "unknown version, tag or branch"}}
@@ -55,6 +56,13 @@ def create_branch(body: BranchCreate, store: StoreDep, principal: EditKey) -> di
 def rollback_branch(name: str, body: RollbackRequest, store: StoreDep, principal: EditKey) -> dict:
     """Moves the branch back to an ancestor of its head; later versions are kept (and can be branched from)."""
     return {"name": name, "version": store.rollback(name, body.version)}
+
+
+@router.get("/branches/{name}/facts", response_model=Facts, responses=NOT_FOUND, summary="Facts in effect")
+def branch_facts(name: str, store: StoreDep, principal: ReadKey) -> dict:
+    """The branch's fact ledger: each fact in effect with its stable id and the version that introduced
+    it; superseded facts with what replaced them; reverted ones with the version that reverted them."""
+    return ledger_of(store, store.head(name)).to_dict()
 
 
 @router.post("/tags", status_code=status.HTTP_201_CREATED, response_model=Branch,

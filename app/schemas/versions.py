@@ -71,3 +71,22 @@ class TagCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "v1", "version": "main"}]})
     name: str
     version: str
+
+
+class LedgerFactOut(BaseModel):
+    fact_id: str = Field(description="Stable id: <introducing version id[:12]>-<index>.")
+    prompt: str
+    target_new: str
+    subject: str | None = None
+    version: str = Field(description="The version that introduced the fact.")
+    superseded_by: str | None = Field(None, description="The fact id that replaced it (superseded facts only).")
+    reverted_by: str | None = Field(None, description="The version that reverted it (reverted facts only).")
+
+
+class Facts(BaseModel):
+    version: str = Field(description="The branch head the ledger was read at.")
+    facts: list[LedgerFactOut] = Field(description="In effect, in the order they were introduced.")
+    superseded: list[LedgerFactOut]
+    reverted: list[LedgerFactOut]
+    opaque_versions: list[str] = Field(description="Versions that change weights but carry no facts (e.g. an "
+                                       "imported adapter).")
