@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -91,6 +92,14 @@ def _cached_results(path: Path | None, config: dict) -> dict:
     return done
 
 
+RebaseMethod = Annotated[str, typer.Option(help="The locate-then-edit method that re-solves the facts")]
+RebaseObjective = Annotated[str, typer.Option(help=OBJECTIVE_HELP)]
+RebaseHparams = Annotated[str | None, typer.Option(help="JSON object of hyperparameters")]
+RebaseStore = Annotated[str | None, typer.Option(help=STORE_HELP)]
+RebaseModel = Annotated[str | None, typer.Option(help=MODEL_HELP)]
+RebaseJson = Annotated[bool, typer.Option("--json", help="Print one JSON object")]
+
+
 def _rebase(branch: str, revert: list[str] | None, method: str, objective: str, hparams: str | None,
             store: str | None, model: str | None, as_json: bool) -> None:
     from editing.session import EditSession
@@ -113,12 +122,8 @@ def _rebase(branch: str, revert: list[str] | None, method: str, objective: str, 
 @app.command()
 def consolidate(
     branch: str = typer.Argument("main", help="Branch whose facts in effect to re-solve together"),
-    method: str = typer.Option("alphaedit", help="The locate-then-edit method that re-solves them"),
-    objective: str = typer.Option(DEFAULT_OBJECTIVE, help=OBJECTIVE_HELP),
-    hparams: str | None = typer.Option(None, help="JSON object of hyperparameters"),
-    store: str | None = typer.Option(None, help=STORE_HELP),
-    model: str | None = typer.Option(None, help=MODEL_HELP),
-    as_json: bool = typer.Option(False, "--json"),
+    method: RebaseMethod = "alphaedit", objective: RebaseObjective = DEFAULT_OBJECTIVE, hparams: RebaseHparams = None,
+    store: RebaseStore = None, model: RebaseModel = None, as_json: RebaseJson = False,
 ) -> None:
     """One new version on top of BRANCH: base plus every live fact solved together (a rebase)."""
     _rebase(branch, None, method, objective, hparams, store, model, as_json)
@@ -128,12 +133,8 @@ def consolidate(
 def revert(
     branch: str = typer.Argument(..., help="Branch to revert facts on"),
     fact_ids: list[str] = typer.Argument(..., help="Fact ids (see `lmedit facts BRANCH`)"),
-    method: str = typer.Option("alphaedit", help="The locate-then-edit method that re-solves the rest"),
-    objective: str = typer.Option(DEFAULT_OBJECTIVE, help=OBJECTIVE_HELP),
-    hparams: str | None = typer.Option(None, help="JSON object of hyperparameters"),
-    store: str | None = typer.Option(None, help=STORE_HELP),
-    model: str | None = typer.Option(None, help=MODEL_HELP),
-    as_json: bool = typer.Option(False, "--json"),
+    method: RebaseMethod = "alphaedit", objective: RebaseObjective = DEFAULT_OBJECTIVE, hparams: RebaseHparams = None,
+    store: RebaseStore = None, model: RebaseModel = None, as_json: RebaseJson = False,
 ) -> None:
     """A new version in which these facts are no longer in effect and every other still is (a fact that
     had superseded another brings it back): consolidating without them, never a subtraction."""
