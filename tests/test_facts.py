@@ -1,13 +1,14 @@
-"""Dataset readers on the real benchmark files in ../shared/data, and lmedit's own fact JSON."""
+"""Dataset readers on the real benchmark files ($LMEDIT_DATA, default ../shared/data), and lmedit's own fact JSON."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from editing.facts import Fact, detect_format, read_cases, read_facts
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("LMEDIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"{DATA} is not present")
 
 
