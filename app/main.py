@@ -15,7 +15,7 @@ from app.deps import Services
 from app.errors import error_response, install_error_handlers
 from app.metrics import Metrics
 from app.queue import JobClient
-from app.routers import edits, exports, generate, openai, ops, ui, versions
+from app.routers import edits, exports, generate, openai, ops, rebases, ui, versions
 from app.settings import Settings, get_settings, keys_file_path
 
 DESCRIPTION = """Write facts into a language model's weights; every edit becomes an immutable version.
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.metrics.requests.labels(request.method, str(response.status_code)).inc()
         return response
 
-    for router in (edits.router, versions.router, exports.router, generate.router, openai.router, ops.router,
-                   ui.router):
+    for router in (edits.router, versions.router, rebases.router, exports.router, generate.router, openai.router,
+                   ops.router, ui.router):
         app.include_router(router)
     return app

@@ -138,6 +138,8 @@ def apply_edit(request: dict) -> dict | Retry:
             job.save_meta()
             last_save[0] = now
 
+    if request.get("op") in ("consolidate", "revert"):
+        return finish(_rebase(engine, job, request))
     try:
         facts = [Fact.from_dict(f) for f in request["facts"]]
         method, note = choose_method(request.get("method"), [f.subject for f in facts])
@@ -162,6 +164,27 @@ def apply_edit(request: dict) -> dict | Retry:
                    "metrics": outcome.manifest["metrics"] if outcome.manifest else outcome.metrics,
                    "steps": outcome.steps, "seconds": round(outcome.seconds, 4), "method": method,
                    **({"note": note} if note else {})})
+
+
+def _rebase(engine, job, request: dict) -> dict:
+    """A consolidate or revert job: one rebase version on the branch, in its acceptance order."""
+
+    def on_progress(phase: str, done: int, total: int) -> None:
+        job.meta["progress"] = {"phase": phase, "done": done, "total": total}
+        job.save_meta()
+
+    try:
+        outcome = engine.session.rebase(
+            request["branch"], method=request.get("method") or "alphaedit",
+            objective=request.get("objective") or DEFAULT_OBJECTIVE, hparams=request.get("hparams") or None,
+            revert=request.get("revert") or None, job_id=job.id, key_id=request.get("key_id"),
+            on_progress=on_progress,
+        )
+    except (EditError, ConflictError, NotFoundError, StoreError, ValueError, KeyError) as e:
+        log.warning("%s %s failed: %s", request["op"], job.id, e)
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    return {"status": "succeeded", "version": outcome.version, "parent": outcome.parent,
+            "metrics": outcome.metrics, "seconds": round(outcome.seconds, 4), "ledger": outcome.manifest["ledger"]}
 
 
 # --- generations -----------------------------------------------------------------------------
