@@ -63,9 +63,8 @@ class ExportError(Exception):
 
 def delta_chain(store: VersionStore, version: str) -> list[str]:
     """The ids of the versions whose deltas sum to S_v (ancestry order, base and empty ones left out): from
-    the last rebase version (consolidate, revert: S = its own delta) where the store has them."""
-    chain = store.weights_chain(version) if hasattr(store, "weights_chain") else store.ancestry(version)
-    return [v for v in chain if store.get(v)["delta"] is not None]
+    the last rebase version (consolidate, revert: S = its own delta)."""
+    return [v for v in store.weights_chain(version) if store.get(v)["delta"] is not None]
 
 
 def low_rank_chain(store: VersionStore, version: str) -> list[str]:
