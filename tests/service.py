@@ -81,9 +81,9 @@ class Stack:
         self.workers.append(proc)
         return proc
 
-    def start_api(self, port: int | None = None) -> str:
+    def start_api(self, port: int | None = None, env: dict | None = None) -> str:
         port = port or free_port()
-        self.apis.append(self._spawn(["api", "--port", str(port)], f"api-{len(self.apis)}.log"))
+        self.apis.append(self._spawn(["api", "--port", str(port)], f"api-{len(self.apis)}.log", env))
         self.url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _status(self.url + "/health") == 200, 30, "API /health")
         return self.url
