@@ -7,6 +7,7 @@ and nothing is lost: versions, refs, facts ledger, job results, generations, the
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import httpx
@@ -42,12 +43,16 @@ def s3():
         server.stop()
 
 
-def machine(root: Path, name: str, endpoint: str) -> dict:
-    """The environment of one machine: its own home and model cache, the S3 endpoint and credentials
-    the usual AWS way (no ~/.aws), the store as an s3:// URL."""
+def machine(root: Path, name: str, endpoint: str, model: Path | None = None) -> dict:
+    """The environment of one machine: its own home, model file and model cache, the S3 endpoint and
+    credentials the usual AWS way (no ~/.aws), the store as an s3:// URL."""
     home = root / name
     (home / "cache").mkdir(parents=True, exist_ok=True)
-    return {"HOME": str(home), "LMEDIT_CACHE_DIR": str(home / "cache"), "LMEDIT_STORE": STORE_URL,
+    own = {}
+    if model is not None:
+        shutil.copy(model, home / model.name)
+        own["LMEDIT_MODEL"] = str(home / model.name)
+    return own | {"HOME": str(home), "LMEDIT_CACHE_DIR": str(home / "cache"), "LMEDIT_STORE": STORE_URL,
             "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
             "AWS_CONFIG_FILE": str(home / "aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials")}
@@ -84,10 +89,11 @@ def snapshot(client: httpx.Client, jobs: list[str]) -> dict:
 def test_api_and_two_workers_on_s3_and_one_redis(tmp_path, s3):
     from tests.test_export import write_tiny_gguf
 
-    model = tmp_path / "tiny.gguf"  # each worker dequantizes it into its own cache folder
+    model = tmp_path / "tiny.gguf"  # each worker has a copy and dequantizes it into its own cache folder
     write_tiny_gguf(tiny_llama(), model)
     stack = Stack(tmp_path, str(model), env={"LMEDIT_STORE": STORE_URL})
-    envs = {name: machine(tmp_path, name, s3["endpoint"]) for name in ("api", "worker-a", "worker-b")}
+    envs = {"api": machine(tmp_path, "api", s3["endpoint"])}
+    envs |= {name: machine(tmp_path, name, s3["endpoint"], model) for name in ("worker-a", "worker-b")}
 
     def start_all() -> None:
         stack.start_worker(queues="edits", env=envs["worker-a"])  # A edits, never generates
