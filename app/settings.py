@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     cache_dir: str | None = None  # where a GGUF's fp32 weights are cached (~/.cache/lmedit)
     device: str | None = None  # "cuda", "cpu"; default: CUDA when present
     threads: int | None = None  # torch intra-op threads (default: torch's choice; workers: cores - 1)
+    keyframe_every: int = 50  # a stored sum every this many versions of a chain: flat cold checkouts (0: none)
 
     # --- service ---
     # Unset: the URL in STORE/redis.url (written by a running `lmedit up`), else this default

@@ -24,10 +24,21 @@ sum and adds only the deltas after it; while summing a long chain, every
 `snapshot_every`-th partial sum is cached too, so a later checkout of an intermediate
 version (a rollback, a sibling branch) also starts close by. A partial sum is the same
 left fold the definition prescribes, so resuming from it changes no bit.
+
+Keyframes (flat cold checkouts): every `keyframe_every`-th version of a weights chain (positions
+K, 2K, ... from its root) has its accumulated sum S_v, for every tensor the chain touches, stored
+in the store as a content-addressed blob named by a keyframe record (editing/store.py). A checkout
+that the cache cannot serve reads the last keyframe of the chain and fewer than K deltas after it.
+The first checkout that needs a missing keyframe writes it (and any missing before it, each from
+the previous one), computed by the same left fold, so every sum stays bit-identical to the
+deltas-only fold; a worker at the head writes each one as the chain reaches it (its cache holds
+the sums). A store that cannot be written (read-only) only loses the speed-up.
 """
 
 from __future__ import annotations
 
+import bisect
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -36,7 +47,9 @@ from contextlib import contextmanager
 import torch
 
 from editing.delta import Delta
-from editing.store import BaseMismatchError, VersionStore
+from editing.store import BaseMismatchError, CorruptObjectError, StoreError, VersionStore
+
+log = logging.getLogger("lmedit.checkout")
 
 
 class SumCache:
@@ -72,6 +85,15 @@ class SumCache:
         return len(self._entries)
 
 
+DEFAULT_KEYFRAME_EVERY = 50  # a keyframe every this many versions of a weights chain (0: none)
+
+
+def keyframe_position(length: int, every: int) -> int:
+    """Position (in a weights chain, root = 0) of the last keyframe within a chain of `length`
+    versions: the largest multiple of `every` below `length`; 0 means none (the root needs none)."""
+    return ((length - 1) // every) * every if every > 0 and length > 0 else 0
+
+
 def accumulate(
     store: VersionStore,
     chain: list[str],
@@ -79,14 +101,22 @@ def accumulate(
     params: dict[str, torch.Tensor],
     cache: SumCache | None = None,
     snapshot_every: int = 16,
+    keyframe_every: int = 0,
 ) -> dict[str, torch.Tensor]:
     """S (fp32, on each parameter's device) at the end of `chain` (version ids, base first) for
-    each of `names` that some version of the chain touches. Each delta blob is read once."""
+    each of `names` that some version of the chain touches. Each delta blob is read once.
+
+    With `keyframe_every` K > 0, a sum that the cache cannot resume late enough starts from the
+    chain's last keyframe (position a multiple of K): at most one keyframe and fewer than K deltas
+    are read. A keyframe missing there is written first, from the one before it (or from the root):
+    the same left fold, so a sum resumed from a keyframe changes no bit."""
     touched = [set(store.touched(v)) for v in chain]
-    sums: dict[str, torch.Tensor] = {}
-    todo: dict[int, list[str]] = {}  # chain position -> tensors whose sum still needs that delta
-    last: dict[str, int] = {}  # tensor -> chain position of the last delta that touches it
-    count: dict[str, int] = {}  # tensor -> how many terms its sum holds so far
+    return _accumulate(store, chain, touched, names, params, cache, snapshot_every, keyframe_every, None)
+
+
+def _accumulate(store, chain, touched, names, params, cache, snapshot_every, keyframe_every, keyframe):
+    """`keyframe`: (position, sums) to start from, or None: the chain's last keyframe if one is needed."""
+    plan: dict[str, tuple[list[int], int, torch.Tensor | None]] = {}  # name -> positions, terms summed, sum
     for name in names:
         positions = [i for i, names_i in enumerate(touched) if name in names_i]
         if not positions:
@@ -100,6 +130,28 @@ def accumulate(
                 if cached is not None:  # the sum of the first j terms: resume from it
                     start = j
                     break
+        plan[name] = (positions, start, cached)
+    if keyframe is None:
+        at = keyframe_position(len(chain), keyframe_every)
+        if at > 0 and any(start < bisect.bisect_right(pos, at) for pos, start, _ in plan.values()):
+            keyframe = (at, _keyframe(store, chain, touched, at, params, cache, snapshot_every, keyframe_every))
+    if keyframe is not None:
+        at, ksums = keyframe
+        for name, (positions, start, cached) in plan.items():
+            covered = bisect.bisect_right(positions, at)  # terms the keyframe holds
+            if start < covered:
+                if name not in ksums:
+                    raise CorruptObjectError(f"keyframe of version {chain[at]} lacks {name}, which its chain touches")
+                cached = ksums[name].to(params[name].device)
+                plan[name] = (positions, covered, cached)
+                if cache is not None:
+                    cache.put((chain[positions[covered - 1]], name), cached)
+
+    sums: dict[str, torch.Tensor] = {}
+    todo: dict[int, list[str]] = {}  # chain position -> tensors whose sum still needs that delta
+    last: dict[str, int] = {}  # tensor -> chain position of the last delta that touches it
+    count: dict[str, int] = {}  # tensor -> how many terms its sum holds so far
+    for name, (positions, start, cached) in plan.items():
         if cached is None:  # S_base = 0
             cached = torch.zeros(params[name].shape, dtype=torch.float32, device=params[name].device)
         sums[name] = cached  # never modified in place below (sums are replaced, not updated): no copy
@@ -121,18 +173,46 @@ def accumulate(
     return sums
 
 
+def _keyframe(store, chain, touched, at, params, cache, snapshot_every, every) -> dict[str, torch.Tensor]:
+    """The sums held by the keyframe at chain position `at`, written first if missing (and those
+    before it that are missing too, each from the previous one: every delta is read once)."""
+    missing, found, pos = [], (-1, {}), at
+    while pos > 0:
+        try:
+            sums = store.load_keyframe(chain[pos])
+        except CorruptObjectError:  # a cache, not the definition: sum the deltas instead (fsck reports it)
+            log.warning("keyframe of version %s is damaged: summing its deltas", chain[pos], exc_info=True)
+            sums = None
+        if sums is not None:
+            found = (pos, sums)
+            break
+        missing.append(pos)
+        pos -= every
+    for pos in reversed(missing):
+        names = set().union(*touched[: pos + 1])
+        sums = _accumulate(store, chain[: pos + 1], touched[: pos + 1], names, params, cache, snapshot_every,
+                           every, found)
+        try:
+            store.write_keyframe(chain[pos], {n: s.cpu() for n, s in sums.items()}, pos)
+        except (StoreError, OSError):  # a read-only store, a full disk: checkouts stay exact without it
+            log.warning("could not write the keyframe of version %s", chain[pos], exc_info=True)
+        found = (pos, sums)
+    return found[1]
+
+
 def weight(base: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """W = base + S in fp32, cast to the parameter's dtype."""
     return (base.float() + s).to(dtype)
 
 
-def materialize(model: torch.nn.Module, store: VersionStore, version: str) -> str:
-    """Bring a freshly loaded (base) model to `version` in place; returns the version id."""
+def materialize(model: torch.nn.Module, store: VersionStore, version: str, keyframe_every: int = 0) -> str:
+    """Bring a freshly loaded (base) model to `version` in place; returns the version id. By default
+    from the deltas alone (the definition); `keyframe_every` as in `accumulate`."""
     vid = store.resolve(version)
     chain = store.weights_chain(vid)
     params = dict(model.named_parameters())
     names = {n for v in chain for n in store.touched(v)}
-    sums = accumulate(store, chain, names, params)
+    sums = accumulate(store, chain, names, params, keyframe_every=keyframe_every)
     with torch.no_grad():
         for name, s in sums.items():
             params[name].copy_(weight(params[name].detach(), s, params[name].dtype))
@@ -154,6 +234,7 @@ class ResidentModel:
         fingerprint: str | None = None,
         cache_bytes: int = 256 * 2**20,
         snapshot_every: int = 16,
+        keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
     ):
         if fingerprint is not None and fingerprint != store.base_fingerprint:
             raise BaseMismatchError(
@@ -164,6 +245,7 @@ class ResidentModel:
         self.store = store
         self.cache = SumCache(cache_bytes)
         self.snapshot_every = snapshot_every
+        self.keyframe_every = keyframe_every
         self.version = store.base_id
         self._params = dict(model.named_parameters())
         self._pristine: dict[str, torch.Tensor] = {}
@@ -189,7 +271,8 @@ class ResidentModel:
                 if n not in self._pristine:
                     self._pristine[n] = self._params[n].detach().clone()
             # Everything is computed before anything is written, so a failure changes nothing.
-            sums = accumulate(self.store, there, names, self._params, self.cache, self.snapshot_every)
+            sums = accumulate(self.store, there, names, self._params, self.cache, self.snapshot_every,
+                              self.keyframe_every)
             new = {n: weight(self._pristine[n], s, self._params[n].dtype) for n, s in sums.items()}
             with torch.no_grad():
                 for n in names:
@@ -223,7 +306,8 @@ class ResidentModel:
                 if n not in self._pristine:
                     self._pristine[n] = self._params[n].detach().clone()
             chain = self.store.weights_chain(self.version)
-            sums = accumulate(self.store, chain, names, self._params, self.cache, self.snapshot_every)
+            sums = accumulate(self.store, chain, names, self._params, self.cache, self.snapshot_every,
+                              self.keyframe_every)
             current = {n: self._params[n].detach().clone() for n in names}
             with torch.no_grad():
                 for n in names:

@@ -66,10 +66,25 @@ def gc(store: VersionStore, grace_seconds: float = 3600.0) -> dict:
             raise StoreError(f"{path} is unreadable: run `lmedit store fsck` before gc") from None
         if info:
             referenced.add(info["object"])
-    cutoff = time.time() - grace_seconds
     removed, kept, freed = [], 0, 0
+    versions = {p.rsplit("/", 1)[-1].removesuffix(".json") for p in store.backend.list("versions")}
+    for path in store.backend.list("keyframes"):
+        if _is_tmp(path):
+            continue
+        try:
+            record = json.loads(store.backend.read(path))
+        except ValueError:
+            raise StoreError(f"{path} is unreadable: run `lmedit store fsck --repair` before gc") from None
+        if record.get("version") in versions:
+            referenced.add(record["object"])
+            continue
+        size = store.backend.stat(path)[1]
+        store.backend.delete(path)  # the keyframe of a version that is gone: its blob is dropped below
+        removed.append(path)
+        freed += size
+    cutoff = time.time() - grace_seconds
     candidates = store.backend.list("objects") + [
-        p for prefix in ("versions", "refs", "reflog") for p in store.backend.list(prefix) if _is_tmp(p)
+        p for prefix in ("versions", "refs", "reflog", "keyframes") for p in store.backend.list(prefix) if _is_tmp(p)
     ]
     for path in candidates:
         name = path.rsplit("/", 1)[-1]
@@ -135,6 +150,7 @@ def fsck(store: VersionStore, repair: bool = False) -> FsckReport:
             except CorruptObjectError as e:
                 kind = "missing-object" if "missing" in str(e) else "corrupt-object"
                 report.add(kind, _object_path(sha), str(e))
+    _fsck_keyframes(store, ok, referenced, report, repair)
     objects = store.backend.list("objects")
     report.objects = sum(not _is_tmp(p) for p in objects)
     orphans = sum(not _is_tmp(p) and p.rsplit("/", 1)[-1] not in referenced for p in objects)
@@ -153,6 +169,31 @@ def fsck(store: VersionStore, repair: bool = False) -> FsckReport:
             store._move_ref("branches", "main", None, store.base_id, "repair")
             report.repaired.append(f"refs/branches/main: set to base {store.base_id}")
     return report
+
+
+def _fsck_keyframes(store: VersionStore, ok: dict[str, bool], referenced: set, report: FsckReport,
+                    repair: bool) -> None:
+    """Keyframe records and their blobs. A keyframe is a cache of exact sums: with `repair`, a damaged
+    one is removed (checkouts then sum the deltas, and the next cold checkout writes it again)."""
+    for path in store.backend.list("keyframes"):
+        if _is_tmp(path):
+            report.notes.append(f"temporary file {path} (gc removes it)")
+            continue
+        vid = path.rsplit("/", 1)[-1].removesuffix(".json")
+        if vid not in ok:
+            report.notes.append(f"keyframe {path} of a version that is gone (gc removes it)")
+            continue
+        if not ok[vid]:  # its manifest is reported already
+            continue
+        try:
+            record = store.keyframe(vid)
+            referenced.add(record["object"])
+            store.load_keyframe(vid)
+        except (StoreError, ValueError) as e:
+            report.add("corrupt-keyframe", path, str(e))
+            if repair:
+                store.backend.delete(path)
+                report.repaired.append(f"{path}: removed (the next cold checkout writes it again)")
 
 
 def _fsck_ref(store: VersionStore, kind: str, name: str, is_complete: Any, report: FsckReport, repair: bool) -> None:

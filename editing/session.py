@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from editing import metrics
-from editing.checkout import ResidentModel
+from editing.checkout import DEFAULT_KEYFRAME_EVERY, ResidentModel
 from editing.consolidate import check_revertible, rebase, without
 from editing.delta import Delta, apply_delta
 from editing.facts import Fact
@@ -37,7 +37,7 @@ class EditOutcome:
 
 class EditSession:
     def __init__(self, lm: LoadedModel, store: str | VersionStore | None, create: bool = True,
-                 cache_bytes: int = 256 * 2**20):
+                 cache_bytes: int = 256 * 2**20, keyframe_every: int = DEFAULT_KEYFRAME_EVERY):
         self.lm = lm
         if isinstance(store, str):
             try:
@@ -55,7 +55,8 @@ class EditSession:
             )
         self.store = store
         self.resident = ResidentModel(lm.model, store, fingerprint=lm.fingerprint,
-                                      cache_bytes=cache_bytes) if store is not None else None
+                                      cache_bytes=cache_bytes, keyframe_every=keyframe_every) \
+            if store is not None else None
 
     def checkout(self, name: str) -> str:
         if self.resident is None:

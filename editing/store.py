@@ -13,6 +13,10 @@ rebuilt from the ref log. Layout (all paths relative to the store's root):
     refs/branches/<name>               a ref: the JSON entry of its latest move (below)
     refs/tags/<name>                   a tag: written once, never moved
     reflog/<branches|tags>/<name>/<seq>.json   the append-only ref log: one object per move
+    keyframes/<id>.json                a keyframe record: {version, object, bytes, tensors, position};
+                                       its object (in objects/, safetensors like a delta) holds the
+                                       accumulated sum S_v of every tensor the version's weights chain
+                                       touches, so a cold checkout starts there (editing/checkout.py)
     locks/                             file locks (local stores only)
 
 A ref entry is `{ref, seq, version, previous, action, at}`; `seq` counts the moves of that
@@ -42,6 +46,11 @@ On S3, credentials and the endpoint come from the usual AWS settings (environmen
 
 This module imports neither torch nor `editing.delta` at import time (the API lists
 versions without torch); only the functions that read or write blobs do.
+
+Keyframes are a cache of exact sums, never the definition: a version's weights are base + S_v with
+or without them. One is written once per version (an exclusive create of its record, after its blob),
+so a crash leaves at worst an unreferenced blob; `gc` keeps the blobs of records whose version exists
+and removes the records (then the blobs) of versions that are gone.
 
 Where things are: the two storage backends in `editing/backends.py`, this module the version
 store itself (manifests, refs, ref log), `fsck` and `gc` in `editing/maintenance.py`.
@@ -76,7 +85,8 @@ FORMAT_VERSION = 1
 DEFAULT_STORE = "./lmedit-store"
 REF_KINDS = ("branches", "tags")
 VERSION_ID = re.compile(r"^[0-9a-f]{32}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a tag or branch name (and not a version id)
+_NAME = re.compile(NAME_PATTERN)
 
 
 class StoreError(Exception):
@@ -150,6 +160,10 @@ def _version_id(manifest: dict) -> str:
 
 def _object_path(sha: str) -> str:
     return f"objects/{sha[:2]}/{sha}"
+
+
+def _keyframe_path(vid: str) -> str:
+    return f"keyframes/{vid}.json"
 
 
 
@@ -375,6 +389,56 @@ class VersionStore:
             )
         return data
 
+    def keyframe(self, name: str) -> dict | None:
+        """The keyframe record of a version (None: it has none); CorruptObjectError if unreadable."""
+        vid = self.resolve(name)
+        try:
+            data = self.backend.read(_keyframe_path(vid))
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(data)
+            ok = record.get("version") == vid and isinstance(record.get("object"), str)
+        except (ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise CorruptObjectError(f"keyframe record of version {vid} ({_keyframe_path(vid)}) is corrupt")
+        return record
+
+    def load_keyframe(self, name: str) -> dict[str, Any] | None:
+        """The verified accumulated sums S_v (fp32 tensors by parameter name) a version's keyframe holds,
+        or None when it has none. CorruptObjectError if its record or blob is damaged."""
+        from editing.delta import Delta
+
+        record = self.keyframe(name)
+        if record is None:
+            return None
+        sums = Delta.from_bytes(self._read_object(record["version"], record["object"])).dense
+        if sorted(sums) != sorted(record.get("tensors", [])):
+            raise CorruptObjectError(f"keyframe of version {record['version']}: its blob holds other tensors "
+                                     "than its record lists")
+        return sums
+
+    def write_keyframe(self, name: str, sums: dict[str, Any], position: int) -> dict:
+        """Record S_v (every tensor its weights chain touches; `position`: v's index in that chain) as
+        the version's keyframe: the blob first, then the record, created once (a second writer keeps
+        the first record: both hold the same exact sums). Returns the record in effect."""
+        from editing.delta import Delta
+
+        vid = self.resolve(name)
+        data = Delta(dense=dict(sums)).to_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        self.backend.write(_object_path(sha), data)  # rewritten: a fresh mtime, as in commit
+        record = {"version": vid, "object": sha, "bytes": len(data), "tensors": sorted(sums), "position": position}
+        if not self.backend.create(_keyframe_path(vid), json.dumps(record, indent=1, sort_keys=True).encode()):
+            return self.keyframe(vid) or record
+        return record
+
+    def keyframes(self) -> list[str]:
+        """Version ids that have a keyframe record."""
+        return sorted(p.rsplit("/", 1)[-1].removesuffix(".json") for p in self.backend.list("keyframes")
+                      if not _is_tmp(p))
+
     # --- writing -------------------------------------------------------------------------------
     def commit(
         self,
@@ -443,10 +507,26 @@ class VersionStore:
             raise
         return dict(manifest)
 
-    def find_job(self, head: str, job_id: str) -> dict | None:
-        for vid in reversed(self.ancestry(head)):
-            if self._manifest(vid)["job_id"] == job_id:
-                return copy.deepcopy(self._manifest(vid))
+    def find_job(self, head: str | None, job_id: str) -> dict | None:
+        """The manifest of the version that job `job_id` made, or None: the one answer to "which version
+        did job X make?" (a retried job makes nothing new, so there is at most one).
+
+        With `head`: only that version's ancestry, newest first (what a job checks before it commits).
+        With None: every branch's ancestry, then the versions on no branch (rolled back past). Manifests
+        are immutable and cached, so only the first miss reads each of them from the backend."""
+        seen: set[str] = set()
+        for start in [head] if head is not None else self.branches().values():
+            for vid in reversed(self.ancestry(start)):
+                if vid in seen:  # and so is everything before it
+                    break
+                seen.add(vid)
+                if self._manifest(vid).get("job_id") == job_id:
+                    return copy.deepcopy(self._manifest(vid))
+        if head is None:
+            for path in self.backend.list("versions"):
+                vid = path.rsplit("/", 1)[-1].removesuffix(".json")
+                if VERSION_ID.match(vid) and vid not in seen and self._manifest(vid).get("job_id") == job_id:
+                    return copy.deepcopy(self._manifest(vid))
         return None
 
     def create_branch(self, name: str, from_version: str = "main") -> str:

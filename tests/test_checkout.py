@@ -231,3 +231,136 @@ def test_a_model_of_another_base_is_refused(tree, llama):
     st, _ = tree
     with pytest.raises(BaseMismatchError):
         ResidentModel(fresh(llama), st, fingerprint="0" * 64)
+
+
+# --- keyframes: a cold checkout reads at most one keyframe and fewer than K deltas -------------------------
+
+def counting(st: VersionStore, monkeypatch) -> dict[str, list[str]]:
+    """Record every delta and keyframe the store hands out (its public reads)."""
+    reads: dict[str, list[str]] = {"deltas": [], "keyframes": []}
+    load_delta, load_keyframe = st.load_delta, st.load_keyframe
+
+    def delta(v):
+        reads["deltas"].append(v)
+        return load_delta(v)
+
+    def keyframe(v):
+        sums = load_keyframe(v)
+        if sums is not None:
+            reads["keyframes"].append(v)
+        return sums
+
+    monkeypatch.setattr(st, "load_delta", delta)
+    monkeypatch.setattr(st, "load_keyframe", keyframe)
+    return reads
+
+
+@pytest.fixture
+def deep(tmp_path: Path, llama):
+    """main: 30 versions, dense and LoRA, over three tensors (a version deeper than K = 8)."""
+    st = VersionStore.open(tmp_path / "store", base_fingerprint=llama.fingerprint, durable=False)
+    params = dict(llama.model.named_parameters())
+    chain = []
+    for i in range(30):
+        delta = lora(params, [Q1], 100 + i) if i % 7 == 3 else change(params, [DOWN0] if i % 3 else [DOWN0, UP1], i)
+        chain.append(add(st, "main", delta))
+    return st, chain
+
+
+def test_a_deep_cold_checkout_reads_one_keyframe_and_fewer_than_k_deltas(deep, llama, monkeypatch):
+    st, chain = deep
+    references = {depth: fresh(llama) for depth in (30, 24, 17, 5)}
+    for depth, model in references.items():
+        materialize(model, st, chain[depth - 1])  # the definition: every delta, no keyframe
+    reference = references[30]
+    assert st.keyframes() == []
+    first = fresh(llama)
+    ResidentModel(first, st, cache_bytes=0, keyframe_every=8).checkout(chain[-1])  # writes positions 8, 16, 24
+    assert_same(first, reference)
+    assert st.keyframes() == sorted(chain[p - 1] for p in (8, 16, 24))
+    assert [st.keyframe(chain[p - 1])["position"] for p in (8, 16, 24)] == [8, 16, 24]
+
+    reads = counting(st, monkeypatch)
+    cold = fresh(llama)
+    resident = ResidentModel(cold, st, cache_bytes=0, keyframe_every=8)
+    resident.checkout(chain[-1])  # position 30: keyframe 24, then the deltas of 25..30 that touch something
+    assert reads["keyframes"] == [chain[23]]
+    assert len(reads["deltas"]) == 6 and reads["deltas"] == chain[24:]
+    assert_same(cold, reference)
+    for depth in (24, 17, 5):  # at a keyframe, just past one, before the first
+        reads["keyframes"].clear()
+        reads["deltas"].clear()
+        resident.checkout(chain[depth - 1])
+        assert_same(cold, references[depth])
+        assert len(reads["keyframes"]) == (depth >= 8) and len(reads["deltas"]) == depth % 8
+    assert st.fsck().ok
+
+
+def test_keyframes_do_not_change_a_bit_and_stay_off_the_warm_path(deep, llama, monkeypatch):
+    st, chain = deep
+    with_kf, without = fresh(llama), fresh(llama)
+    a = ResidentModel(with_kf, st, keyframe_every=4)
+    b = ResidentModel(without, st, keyframe_every=0)
+    for target in (chain[-1], chain[11], "base", chain[29], chain[3]):
+        a.checkout(target)
+        b.checkout(target)
+        assert_same(with_kf, without)
+    reads = counting(st, monkeypatch)
+    a.checkout(chain[-1])  # the sum is cached: no blob at all
+    assert reads == {"deltas": [], "keyframes": []}
+
+
+def test_a_rebase_version_restarts_the_keyframe_positions(tmp_path: Path, llama, monkeypatch):
+    st = VersionStore.open(tmp_path / "store", base_fingerprint=llama.fingerprint, durable=False)
+    params = dict(llama.model.named_parameters())
+    for i in range(5):
+        add(st, "main", change(params, [DOWN0], i))
+    root = st.commit("main", change(params, [DOWN0, UP1], 50), parent=st.head("main"), facts=[], method="alphaedit",
+                     objective="ce", hparams={}, metrics={}, rebase={"op": "consolidate", "kept": []})["id"]
+    after = [add(st, "main", change(params, [UP1], 60 + i)) for i in range(9)]
+    assert st.weights_chain("main") == [root, *after]
+    model = fresh(llama)
+    ResidentModel(model, st, cache_bytes=0, keyframe_every=4).checkout("main")
+    assert st.keyframes() == sorted([after[3], after[7]])  # positions 4 and 8 from the rebase root
+    materialize(reference := fresh(llama), st, "main")
+    assert_same(model, reference)
+    reads = counting(st, monkeypatch)
+    ResidentModel(cold := fresh(llama), st, cache_bytes=0, keyframe_every=4).checkout("main")
+    assert reads == {"deltas": [after[8]], "keyframes": [after[7]]}
+    assert_same(cold, reference)
+
+
+def test_a_damaged_or_unwritable_keyframe_only_costs_speed(deep, llama, tmp_path: Path, monkeypatch):
+    st, chain = deep
+    reference = fresh(llama)
+    materialize(reference, st, chain[-1])
+    create = st.backend.create
+    monkeypatch.setattr(st.backend, "create", lambda rel, data: (_ for _ in ()).throw(OSError("disk full"))
+                        if rel.startswith("keyframes/") else create(rel, data))
+    ResidentModel(model := fresh(llama), st, cache_bytes=0, keyframe_every=8).checkout(chain[-1])
+    assert_same(model, reference)
+    assert st.keyframes() == []  # the blobs were written, no record names them: gc's orphans
+    report = st.fsck()
+    assert report.ok and any("no manifest names" in n for n in report.notes)
+    monkeypatch.setattr(st.backend, "create", create)
+
+    ResidentModel(fresh(llama), st, cache_bytes=0, keyframe_every=8).checkout(chain[-1])
+    sha = st.keyframe(chain[23])["object"]
+    blob = tmp_path / "store" / "objects" / sha[:2] / sha
+    good = blob.read_bytes()
+
+    def damage() -> None:
+        data = bytearray(good)
+        data[-5] ^= 0x10
+        blob.write_bytes(bytes(data))
+
+    damage()
+    assert [p.kind for p in st.fsck().problems] == ["corrupt-keyframe"]
+    reads = counting(st, monkeypatch)
+    ResidentModel(model := fresh(llama), st, cache_bytes=0, keyframe_every=8).checkout(chain[-1])
+    assert_same(model, reference)  # summed from keyframe 16 and the deltas after it instead
+    assert reads["keyframes"] == [chain[15]] and reads["deltas"] == chain[16:]
+    assert blob.read_bytes() == good and st.fsck().ok  # and the same exact sum written again
+    damage()
+    assert st.fsck(repair=True).repaired and st.fsck().ok
+    assert chain[23] not in st.keyframes()

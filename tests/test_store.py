@@ -224,6 +224,31 @@ def test_gc_removes_only_old_unreferenced_blobs(tmp_path: Path, st: VersionStore
     assert st.load_delta("main").names() == [DOWN]
 
 
+def test_gc_keeps_referenced_keyframes_and_drops_those_of_versions_that_are_gone(tmp_path: Path, st: VersionStore):
+    kept_version = commit(st, seed=1)["id"]
+    st.create_branch("side", "base")
+    gone_version = commit(st, "side", seed=2)["id"]
+    sums = {DOWN: torch.randn(32, 64, generator=torch.Generator().manual_seed(3))}
+    kept = st.write_keyframe(kept_version, sums, position=1)
+    gone = st.write_keyframe(gone_version, {DOWN: sums[DOWN] * 2}, position=1)
+    assert st.write_keyframe(kept_version, {DOWN: sums[DOWN] + 1}, position=1) == kept  # written once
+    root = tmp_path / "store"
+    for record in (kept, gone):
+        blob = root / "objects" / record["object"][:2] / record["object"]
+        os.utime(blob, (time.time() - 7200, time.time() - 7200))
+    assert st.fsck().ok and st.keyframes() == sorted([kept_version, gone_version])
+    assert st.gc(grace_seconds=3600)["removed"] == []  # both named by a record of a live version
+
+    (root / "versions" / f"{gone_version}.json").unlink()  # a version that is gone
+    removed = VersionStore.open(root).gc(grace_seconds=3600)["removed"]
+    blob = f"objects/{gone['object'][:2]}/{gone['object']}"
+    assert sorted(removed) == sorted([f"keyframes/{gone_version}.json", blob])
+    fresh = VersionStore.open(root)
+    assert fresh.keyframes() == [kept_version]
+    assert torch.equal(fresh.load_keyframe(kept_version)[DOWN], sums[DOWN])
+    assert fresh.load_keyframe("base") is None
+
+
 def test_gc_keeps_the_blob_of_a_commit_in_flight(tmp_path: Path, st: VersionStore, monkeypatch):
     orphan = tmp_path / "store" / "objects" / "aa" / ("aa" * 32)
     orphan.parent.mkdir(parents=True)

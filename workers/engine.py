@@ -29,7 +29,8 @@ class Engine:
         self.settings = settings
         torch.set_num_threads(worker_threads(settings))
         self.lm = load_model(settings.model, device=settings.device, cache_dir=settings.cache_dir)
-        self.session = EditSession(self.lm, settings.store)  # creates the store on first use
+        self.session = EditSession(self.lm, settings.store,  # creates the store on first use
+                                   keyframe_every=settings.keyframe_every)
         self.store = self.session.store
         self.redis = redis.Redis.from_url(settings.redis_url)
         log.info("model %s loaded (%s threads); store %s", settings.model, torch.get_num_threads(), settings.store)

@@ -20,6 +20,7 @@ class WorkerSettings(BaseSettings):
     cache_dir: str | None = None  # where a GGUF's fp32 weights are cached (~/.cache/lmedit)
     device: str | None = None  # "cuda", "cpu"; default: CUDA when present
     threads: int | None = None  # torch intra-op threads (default: every core but one)
+    keyframe_every: int = 50  # a stored sum every this many versions of a chain: flat cold checkouts (0: none)
 
     # --- queue ---
     redis_url: str = "redis://127.0.0.1:6399/0"
