@@ -52,14 +52,6 @@ def record_duration(conn, name: str, seconds: float) -> None:
 # --- edits -----------------------------------------------------------------------------------
 
 
-def _committed(store, branch: str, job_id: str) -> dict | None:
-    """The version this job already made on the branch (a retried job creates nothing new)."""
-    for manifest in store.log(branch):
-        if manifest["job_id"] == job_id:
-            return manifest
-    return None
-
-
 def _is_canceled(conn, job_id: str) -> bool:
     return bool(conn.exists(protocol.cancel_key(job_id)))
 
@@ -114,7 +106,7 @@ def apply_edit(request: dict) -> dict | Retry:
         return base | result
 
     try:
-        done = _committed(store, branch, job.id)
+        done = store.find_job(store.head(branch), job.id)  # a retried job creates nothing new
     except StoreError as e:  # the branch is gone, or the store unreadable
         return finish({"status": "failed", "error": f"{type(e).__name__}: {e}"})
     if done is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response, status
+from fastapi import APIRouter, Header, Path, Response, status
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -15,6 +15,7 @@ from editing.hparams import choose_method, resolve_hparams
 from editing.store import validate_name
 
 router = APIRouter(prefix="/edits", tags=["edits"])
+JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,200}$", description="The id a 202 gave.")]  # as RQ allows
 
 ERRORS = {401: {"description": "missing or invalid key"}, 403: {"description": "key lacks the edit scope"},
           404: {"description": "unknown branch"}, 413: {"description": "too many facts or a prompt too long"},
@@ -55,16 +56,16 @@ def create_edit(
 
 
 def _from_store(store, job_id: str) -> dict | None:
-    for manifest in store.versions():
-        if manifest.get("job_id") == job_id:
-            return {"job_id": job_id, "status": "succeeded", "branch": manifest["branch"], "version": manifest["id"],
-                    "parent": manifest["parent"], "metrics": manifest["metrics"]}
-    return None
+    manifest = store.find_job(None, job_id)
+    if manifest is None:
+        return None
+    return {"job_id": job_id, "status": "succeeded", "branch": manifest["branch"], "version": manifest["id"],
+            "parent": manifest["parent"], "metrics": manifest["metrics"]}
 
 
 @router.get("/{job_id}", response_model=EditState, response_model_exclude_none=True,
             responses={404: {"description": "unknown job"}}, summary="An edit's state")
-async def get_edit(job_id: str, services: ServicesDep, principal: ReadKey) -> dict:
+async def get_edit(job_id: JobId, services: ServicesDep, principal: ReadKey) -> dict:
     """Queued (with its position), running (with progress), succeeded (version, metrics), failed (error)
     or canceled. Once Redis has forgotten the job, a succeeded edit is still found in the store."""
     state = await run_in_threadpool(services.jobs.edit_state, job_id)
@@ -78,7 +79,7 @@ async def get_edit(job_id: str, services: ServicesDep, principal: ReadKey) -> di
 @router.delete("/{job_id}", response_model=EditState, response_model_exclude_none=True,
                responses={404: {"description": "unknown job"}, 409: {"description": "already finished"}},
                summary="Cancel an edit")
-def cancel_edit(job_id: str, services: ServicesDep, principal: EditKey) -> dict:
+def cancel_edit(job_id: JobId, services: ServicesDep, principal: EditKey) -> dict:
     """Cancels a queued edit at once; a running one stops at its next training step
     (its state shows `cancel_requested` until then)."""
     state = services.jobs.cancel_edit(job_id)
