@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     cache_dir: str | None = None  # where a GGUF's fp32 weights are cached (~/.cache/lmedit)
     device: str | None = None  # "cuda", "cpu"; default: CUDA when present
     threads: int | None = None  # torch intra-op threads (default: torch's choice; workers: cores - 1)
-    keyframe_every: int = 50  # a stored sum every this many versions of a chain: flat cold checkouts (0: none)
+    keyframe_every: int = 20  # a stored sum every this many versions of a chain: flat cold checkouts (0: none)
 
     # --- service ---
     # Unset: the URL in STORE/redis.url (written by a running `lmedit up`), else this default
@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = 5.0  # heartbeat period while idle or busy
     worker_ttl_s: int = 30  # a worker silent this long is dead; its job is retried by another
     maintenance_interval_s: int = 15  # how often workers look for abandoned jobs
+    generate_batch_max: int = 16  # generation requests of one version a worker decodes as one batch
+    generate_batch_wait_ms: float = 15.0  # how long a worker waits for more of them to join a batch
 
 
 @lru_cache

@@ -85,7 +85,7 @@ class SumCache:
         return len(self._entries)
 
 
-DEFAULT_KEYFRAME_EVERY = 50  # a keyframe every this many versions of a weights chain (0: none)
+DEFAULT_KEYFRAME_EVERY = 20  # a keyframe every this many versions of a weights chain (0: none)
 
 
 def keyframe_position(length: int, every: int) -> int:

@@ -20,13 +20,15 @@ class WorkerSettings(BaseSettings):
     cache_dir: str | None = None  # where a GGUF's fp32 weights are cached (~/.cache/lmedit)
     device: str | None = None  # "cuda", "cpu"; default: CUDA when present
     threads: int | None = None  # torch intra-op threads (default: every core but one)
-    keyframe_every: int = 50  # a stored sum every this many versions of a chain: flat cold checkouts (0: none)
+    keyframe_every: int = 20  # a stored sum every this many versions of a chain: flat cold checkouts (0: none)
 
     # --- queue ---
     redis_url: str = "redis://127.0.0.1:6399/0"
     worker_heartbeat_s: float = 5.0  # heartbeat period while idle or busy
     worker_ttl_s: int = 30  # a worker silent this long is dead; its job is retried by another
     maintenance_interval_s: int = 15  # how often workers look for abandoned jobs
+    generate_batch_max: int = 16  # generation requests of one version a worker decodes as one batch
+    generate_batch_wait_ms: float = 15.0  # how long a worker waits for more of them to join a batch
 
 
 @lru_cache
