@@ -242,12 +242,22 @@ def evaluate_cmd(
     threads: int | None = typer.Option(None, help="torch threads"),
     model: str | None = typer.Option(None, help=MODEL_HELP),
     out: Path | None = typer.Option(None, help="Also write per-record results (JSON lines) here"),
-    resume: bool = typer.Option(False, "--resume", help="Reuse the records already in --out (same settings)"),
+    resume: bool = typer.Option(False, "--resume", help="Reuse the records already in --out (same settings); "
+                                "with --sequential: continue from --store's branch head"),
+    sequential: bool = typer.Option(False, "--sequential", help="Edit the records one after another on one "
+                                    "branch and measure all facts so far every --every edits"),
+    every: int = typer.Option(10, "--every", min=1, help="--sequential: edits between checkpoints"),
+    store: str | None = typer.Option(None, help="--sequential: keep the branch in this store (default: a "
+                                     "temporary one)"),
+    branch: str = typer.Option("main", help="--sequential: the branch to edit"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Single-edit protocol: edit each record on the unedited weights, measure, average.
 
-    The summary has each metric's mean and 95% bootstrap interval (`<metric>_ci`)."""
+    The summary has each metric's mean and 95% bootstrap interval (`<metric>_ci`).
+    With --sequential: edit them in order on one branch; every --every edits print retention,
+    generalization, locality (against the base model) and fluency over all facts so far
+    (--json: one object per checkpoint)."""
     from dataclasses import asdict
 
     from rich.progress import Progress
@@ -264,6 +274,9 @@ def evaluate_cmd(
         fail(f"{data}: {e}")
     if not cases:
         fail(f"{data}: no records at offset {offset}")
+    if sequential:
+        return _sequential(cases, method, objective, _hparams(hparams), every, store, branch, resume,
+                           model, threads, as_json)
     config = {"method": method, "objective": objective, "hparams": _hparams(hparams),
               "fluency_tokens": fluency_tokens, "model": model or get_settings().model}
     if resume and not out:
@@ -293,6 +306,57 @@ def evaluate_cmd(
             "seconds_per_edit"]
     console.print(_metrics_table(f"{data.name} [{offset}:{offset + len(cases)}] {method} + {objective}",
                                  summary, keys))
+
+
+def _sequential(cases, method: str, objective: str, hparams: dict, every: int, store: str | None, branch: str,
+                resume: bool, model: str | None, threads: int | None, as_json: bool) -> None:
+    """`lmedit eval --sequential`: see editing/sequential.py."""
+    import tempfile
+
+    from editing.sequential import edits_done, run_sequential
+    from editing.session import EditSession
+    from editing.store import VersionStore
+
+    if resume and not store:
+        fail("--resume with --sequential needs --store (the store whose branch to continue)")
+    facts = [c.facts[0] for c in cases]
+    lm = _load(model, threads)
+    with tempfile.TemporaryDirectory(prefix="lmedit-seq-") as scratch:
+        try:
+            vs = VersionStore.open(store or scratch, base_fingerprint=lm.fingerprint)
+            if branch not in vs.branches():
+                vs.create_branch(branch, "base")
+            session = EditSession(lm, vs)
+            done = edits_done(session, branch)
+        except Exception as e:  # noqa: BLE001
+            fail(f"{type(e).__name__}: {e}")
+        if done and not resume:
+            fail(f"branch {branch!r} in {store} already holds {done} edits of a sequence: pass --resume to "
+                 "continue it, or another --branch")
+        keys = ["edits", "retention", "generalization", "locality", "fluency", "fluency_base", "seconds_per_edit"]
+        table = Table(title=f"sequential {method} + {objective} on {branch}")
+        for k in keys:
+            table.add_column(k, justify="right")
+        from rich.progress import Progress
+
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"{method} + {objective}", total=len(facts), completed=done)
+            for point in run_sequential(session, facts, every, method, objective, hparams, branch,
+                                        on_edit=lambda i, s: progress.update(task, completed=i)):
+                row = point.to_dict()
+                if as_json:
+                    print(json.dumps(row), flush=True)
+                else:
+                    progress.console.print(" ".join(f"{k} {_fmt(row[k])}" for k in keys))
+                    table.add_row(*(_fmt(row[k]) for k in keys))
+    if not as_json:
+        console.print(table)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 @app.command()

@@ -53,6 +53,13 @@ def get_store(services: ServicesDep) -> VersionStore:
 StoreDep = Annotated[VersionStore, Depends(get_store)]
 
 
+def get_settings_of(services: ServicesDep) -> Settings:
+    return services.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_of)]
+
+
 def get_principal(request: Request, services: ServicesDep) -> Principal:
     """The caller: anonymous with every scope when no keys are configured, else its Bearer key."""
     if not services.keys.enabled:

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     cache_dir: str | None = None  # where a GGUF's fp32 weights are cached (~/.cache/lmedit)
     device: str | None = None  # "cuda", "cpu"; default: CUDA when present
     threads: int | None = None  # torch intra-op threads (default: torch's choice; workers: cores - 1)
+    # GET /branches/{name} suggests consolidating once this many edits stack on the last rebase (or base):
+    # benchmarks/results/REPORT.md section 3 (retention of stacked edits against the number of edits)
+    consolidate_after: int = 100
     keyframe_every: int = 20  # a stored sum every this many versions of a chain: flat cold checkouts (0: none)
 
     # --- service ---

@@ -11,7 +11,8 @@ model at the head is measured on *all* facts edited so far:
 
 The store lives in results/cache/, so an interrupted run continues from the branch head.
 
-    python benchmarks/sequential.py [--full] [--objectives overtone,ce] [--variant NAME]
+    python benchmarks/sequential.py [--full] [--variants memit,alphaedit] [--objectives overtone,ce]
+        [--dataset counterfact|zsre] [--n N] [--every K] [--consolidate]
 """
 
 from __future__ import annotations
@@ -25,96 +26,77 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DATA, append_jsonl, arguments, read_jsonl, save_figure, size  # noqa: E402
 
-FIRST_RECORD = 1000
-# Remedies from the literature, each a method and hparams on top of lmedit's defaults;
-# "spread" puts consecutive edits in different blocks instead of stacking them all in one.
+FIRST_RECORD = 1000  # counterfact-dev: records 0–999 are for tuning
+# name -> (method, hparams on top of the method's defaults)
 VARIANTS = {
-    "default": ("ft-m", {}),
-    "norm": ("ft-m", {"norm_constraint": 5e-3}),
-    "spread": ("ft-m", {"spread_layers": [6, 7, 8, 9, 10, 11, 12, 13]}),
-    "keys": ("ft-k", {}),  # ROME-like: the change acts along each fact's key only
+    "ft-m": ("ft-m", {}),
+    "ft-k": ("ft-k", {}),  # ROME-like: the change acts along each fact's key only
+    "memit": ("memit", {}),
+    "alphaedit": ("alphaedit", {}),
 }
 
 
-def edit_args(variant: str, index: int) -> tuple[str, dict]:
-    method, hp = VARIANTS[variant]
-    hp = dict(hp)
-    layers = hp.pop("spread_layers", None)
-    if layers:
-        hp["layers"] = [layers[index % len(layers)]]
-    return method, hp
-
-
-def checkpoint(lm, facts, before, done: int, objective: str, variant: str, seconds: list[float]) -> dict:
-    """Measure the model as it stands on the `done` facts edited so far."""
-    from editing import metrics
-    from editing.generate import generate
-
-    edited = facts[:done]
-    rel = metrics.accuracy(lm, [(f.prompt, f.target_new) for f in edited])
-    gen = metrics.accuracy(lm, [(p, f.target_new) for f in edited for p in f.rephrase_prompts])
-    probes = [(p.prompt, p.answer) for ps in before.probes[:done] for p in ps]
-    pre = [pr for prs in before.predicted[:done] for pr in prs]
-    post = [pr for pr, _ in metrics.predictions(lm, probes)]
-    loc = [sum(a == b for a, b in zip(x, y)) / len(x) for x, y in zip(pre, post)]
-    sample = edited[:: max(1, done // 16)][:16]
-    texts = generate(lm, [f.prompt for f in sample], max_new_tokens=32)
-    flu = [metrics.ngram_entropy(f.prompt + " " + t) for f, t in zip(sample, texts)]
-    return {"objective": objective, "variant": variant, "edits": done,
-            "retention": sum(rel) / len(rel), "generalization": sum(gen) / max(1, len(gen)),
-            "locality": sum(loc) / max(1, len(loc)), "fluency": sum(flu) / len(flu),
-            "retention_first20": sum(rel[:20]) / len(rel[:20]),
-            "seconds_per_edit": sum(seconds) / max(1, len(seconds))}
-
-
-def run(objective: str, variant: str, n: int, every: int, out: Path) -> None:
-    from editing import metrics
+def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Path, consolidate: bool) -> None:
     from editing.facts import read_cases
     from editing.model import load_model
+    from editing.sequential import Measurer, run_sequential
     from editing.session import EditSession
     from editing.store import VersionStore
 
-    name = f"{objective}-{variant}"
+    method, hparams = VARIANTS[variant]
+    name = f"{variant}-{objective}" + ("" if dataset == "counterfact" else f"-{dataset}")
     rows_path = out / "sequential" / f"{name}.jsonl"
     store_dir = out / "cache" / "sequential" / name
-    rows = [r for r in read_jsonl(rows_path) if r["edits"] <= n]
+    rows = read_jsonl(rows_path)
     lm = load_model("smollm2", device="cpu", threads=1)
-    facts = [c.facts[0] for c in read_cases(DATA / "counterfact-dev.json", offset=FIRST_RECORD, n=n)]
-    before = metrics.snapshot(lm, facts)  # the base model's answers on every locality prompt
+    path, offset = {"counterfact": ("counterfact-dev.json", FIRST_RECORD), "zsre": ("zsre-dev.json", 0)}[dataset]
+    facts = [c.facts[0] for c in read_cases(DATA / path, offset=offset, n=n)]
     if not rows and store_dir.exists():
         shutil.rmtree(store_dir)  # no measurement survived: start over
     store = VersionStore.open(str(store_dir), base_fingerprint=lm.fingerprint)
     session = EditSession(lm, store)
-    done = len(store.ancestry("main")) - 1  # versions on the branch besides base
-    measured = {r["edits"] for r in rows}
-    seconds: list[float] = []
-    if done and done % every == 0 and done not in measured:
-        session.checkout("main")
-        append_jsonl(rows_path, checkpoint(lm, facts, before, done, objective, variant, seconds))
+    measured = {r["edits"] for r in rows if not r.get("consolidated")}
     started = time.perf_counter()
-    for i in range(done, n):
-        method, hparams = edit_args(variant, i)
-        outcome = session.edit([facts[i]], method=method, objective=objective, hparams=hparams, job_id=f"seq-{i}")
-        seconds.append(outcome.seconds)
-        if (i + 1) % every == 0 or i + 1 == n:
-            row = checkpoint(lm, facts, before, i + 1, objective, variant, seconds)
+    def due(edits: int) -> bool:  # every `every` edits up to 200, then every 100
+        return edits % (every if edits <= 200 else max(every, 100)) == 0
+
+    for point in run_sequential(session, facts, every, method, objective, hparams, due=due):
+        if point.edits in measured:
+            continue
+        row = {"variant": variant, "method": method, "objective": objective, "dataset": dataset, **point.to_dict()}
+        append_jsonl(rows_path, row)
+        print(f"{name} {point.edits:4d} edits: retention {point.retention:.3f} gen {point.generalization:.3f} "
+              f"loc {point.locality:.3f} flu {point.fluency:.2f} (base {point.fluency_base:.2f}) "
+              f"{point.seconds_per_edit or 0:.2f} s/edit ({time.perf_counter() - started:.0f} s)", flush=True)
+    if consolidate and method in ("memit", "alphaedit"):
+        done = {r["edits"] for r in read_jsonl(rows_path) if r.get("consolidated")}
+        if n not in done:
+            t0 = time.perf_counter()
+            outcome = session.rebase("main", method=method, objective=objective, hparams=hparams)
+            seconds = time.perf_counter() - t0
+            point = Measurer(lm, facts).measure(session, outcome.version, facts, [])
+            row = {"variant": variant, "method": method, "objective": objective, "dataset": dataset,
+                   **point.to_dict(), "consolidated": True, "consolidate_seconds": seconds,
+                   "reused_values": outcome.metrics.get("reused_values")}
             append_jsonl(rows_path, row)
-            print(f"{name} {i + 1:4d} edits: retention {row['retention']:.3f} gen {row['generalization']:.3f} "
-                  f"loc {row['locality']:.3f} flu {row['fluency']:.2f} "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            print(f"{name} consolidated {n}: retention {point.retention:.3f} loc {point.locality:.3f} "
+                  f"in {seconds:.0f} s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__)
-    parser.add_argument("--objectives", default="overtone,ce")
-    parser.add_argument("--variant", default="default", choices=list(VARIANTS))
-    parser.add_argument("--every", type=int, default=20)
-    parser.add_argument("--n", type=int, help="edits (default: 100 quick, 200 full)")
+    parser.add_argument("--objectives", default="overtone")
+    parser.add_argument("--variants", default="memit,alphaedit", help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--dataset", default="counterfact", choices=["counterfact", "zsre"])
+    parser.add_argument("--every", type=int, default=20, help="edits between checkpoints (100 past 200)")
+    parser.add_argument("--n", type=int, help="edits (default: 100 quick, 1000 full)")
+    parser.add_argument("--consolidate", action="store_true", help="after the last edit, consolidate and measure")
     args = parser.parse_args(argv)
-    n = args.n or size(args, 100, 200)
+    n = args.n or size(args, 100, 1000)
     every = 1 if args.smoke else args.every
-    for objective in args.objectives.split(","):
-        run(objective, args.variant, n, every, args.out)
+    for variant in args.variants.split(","):
+        for objective in args.objectives.split(","):
+            run(variant, objective, args.dataset, n, every, args.out, args.consolidate)
 
 
 PEER = "EasyEdit FT-M on SmolLM2, 50 sequential CounterFact edits, re-checked after the last: " \
@@ -123,26 +105,43 @@ PEER = "EasyEdit FT-M on SmolLM2, 50 sequential CounterFact edits, re-checked af
 
 def report(results: Path) -> str:
     curves: dict[str, list[dict]] = {}
+    consolidated: dict[str, dict] = {}
     for path in sorted((results / "sequential").glob("*.jsonl")):
-        rows = sorted({r["edits"]: r for r in read_jsonl(path)}.values(), key=lambda r: r["edits"])
+        rows = read_jsonl(path)
+        for r in rows:
+            if r.get("consolidated"):
+                consolidated[path.stem] = r  # the last consolidation of the run
+        rows = sorted({r["edits"]: r for r in rows if not r.get("consolidated")}.values(), key=lambda r: r["edits"])
         if rows:
             curves[path.stem] = rows
     lines = ["## 3. Sequential editing", "",
-             "Edits accumulate on one branch (counterfact-dev from record 1000, one fact per edit, ft-m, "
-             "each made by an `EditSession` on a version store: check out the head, train, commit, check out). "
-             "After every 20 edits the head is measured on *all* facts edited so far: retention = reliability "
-             "of every earlier edit, generalization on their rephrases, locality against the base model's "
-             "predictions on their locality prompts, fluency of 32-token continuations of up to 16 edited "
-             "prompts.", "", f"Peer: {PEER}", ""]
+             "Edits accumulate on one branch (counterfact-dev from record 1000, or zsRE from 0; one fact per edit, "
+             "each made by an `EditSession` on a version store: check out the head, train, commit, check out; "
+             "`lmedit eval --sequential` runs the same loop, editing/sequential.py). At each checkpoint the head is "
+             "measured on *all* facts edited so far: retention = reliability of every fact still in effect, "
+             "generalization on their rephrases, locality against the base model's predictions on their locality "
+             "prompts, fluency (n-gram entropy) of 32-token continuations of 16 edited prompts beside the base "
+             "model's on the same prompts. s/edit is the edit alone (training + closed form), 1 torch thread.",
+             "", f"Peer: {PEER}", ""]
     if not curves:
         return "\n".join(lines + ["(no results)", ""])
-    lines += ["| run (objective-variant) | edits | retention | first 20 kept | generalization | locality | "
-              "fluency | s/edit |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["| run (method-objective) | edits | retention | generalization | locality | fluency (base) | s/edit |",
+              "|---|---|---|---|---|---|---|"]
+
+    def cell(value, fmt=".3f") -> str:
+        return "–" if value is None else format(value, fmt)
+
     for name, rows in curves.items():
         for r in rows:
-            lines.append(f"| {name} | {r['edits']} | {r['retention']:.3f} | {r['retention_first20']:.3f} | "
-                         f"{r['generalization']:.3f} | {r['locality']:.3f} | {r['fluency']:.2f} | "
-                         f"{r['seconds_per_edit']:.2f} |")
+            base = f" ({r['fluency_base']:.2f})" if r.get("fluency_base") is not None else ""
+            lines.append(f"| {name} | {r['edits']} | {cell(r['retention'])} | {cell(r['generalization'])} | "
+                         f"{cell(r['locality'])} | {cell(r['fluency'], '.2f')}{base} | "
+                         f"{cell(r.get('seconds_per_edit'), '.2f')} |")
+        if name in consolidated:
+            r = consolidated[name]
+            lines.append(f"| {name}, consolidated | {r['edits']} | {cell(r['retention'])} | "
+                         f"{cell(r['generalization'])} | {cell(r['locality'])} | {cell(r['fluency'], '.2f')} | "
+                         f"{r['consolidate_seconds']:.0f} s in all |")
     _plot(curves, results / "sequential.png")
     lines += ["", "![retention, locality and fluency as edits accumulate](sequential.png)", ""]
     return "\n".join(lines)

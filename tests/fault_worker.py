@@ -6,7 +6,9 @@ normal CLI runs:
 - FAULT_FORCE_NAN=<target>: an edit with a fact whose target_new is <target> trains on a NaN loss
   (editing.train's objective_loss is wrapped), as a diverging edit would;
 - FAULT_KILL_IN_COMMIT=1: the worker SIGKILLs itself in its first commit, after the delta blob and the
-  manifest are written and before the branch ref moves, as a crash there would.
+  manifest are written and before the branch ref moves, as a crash there would;
+- FAULT_KILL_IN_REBASE=1: the same, in its first commit of a rebase version (consolidate or revert);
+  plain edits commit normally.
 """
 
 from __future__ import annotations
@@ -52,6 +54,18 @@ def kill_in_commit(store) -> None:
     log.warning("FAULT HOOK: this worker dies in its first commit")
 
 
+def kill_in_rebase(store) -> None:
+    real_move_ref = store._move_ref
+
+    def move_ref(kind, name, old, new, action):
+        if action == "commit" and store.get(new).get("rebase"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_move_ref(kind, name, old, new, action)
+
+    store._move_ref = move_ref
+    log.warning("FAULT HOOK: this worker dies in its first rebase commit")
+
+
 def install(env: dict[str, str]) -> None:
     """Wrap Engine.__init__ so that every engine this process builds gets the hooks `env` asks for."""
     from workers.engine import Engine
@@ -64,6 +78,8 @@ def install(env: dict[str, str]) -> None:
             force_nan(self.session, env["FAULT_FORCE_NAN"])
         if env.get("FAULT_KILL_IN_COMMIT"):
             kill_in_commit(self.store)
+        if env.get("FAULT_KILL_IN_REBASE"):
+            kill_in_rebase(self.store)
 
     Engine.__init__ = init
 

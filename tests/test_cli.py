@@ -89,6 +89,39 @@ def test_eval_prints_json_summary(model_dir, tmp_path):
         assert key in summary
 
 
+def test_eval_sequential_checkpoints_and_resumes(model_dir, tmp_path):
+    data = tmp_path / "cf.json"
+    names = ["Eiffel Tower", "Toko Yasuda", "Danielle Darrieux", "Apple A5", "Kotaro Hayama"]
+    data.write_text(json.dumps([
+        {"case_id": i, "prompt": f"The home of {s} is", "target_new": t, "subject": s, "ground_truth": "x",
+         "rephrase_prompt": f"Where is {s}? It is in", "locality_prompt": "Berlin is the capital of",
+         "locality_ground_truth": "Germany"}
+        for i, (s, t) in enumerate(zip(names, ["Rome", "Paris", "Tokyo", "Lima", "Oslo"]))
+    ]))
+    store = tmp_path / "store"
+    common = ["eval", "--data", data, "--model", model_dir, "--hparams", HP, "--sequential", "--every", "2",
+              "--store", store, "--json"]
+    code, out = run(*common, "--n", "3")
+    assert code == 0, out
+    points = [json.loads(line) for line in out.splitlines()]
+    assert [p["edits"] for p in points] == [2, 3]  # every 2 edits, and after the last
+    for p in points:
+        assert {"retention", "generalization", "locality", "fluency", "fluency_base"} <= set(p)
+        assert 0 <= p["retention"] <= 1 and 0 <= p["locality"] <= 1
+    code, out = run("facts", "main", "--store", store, "--json")
+    assert [f["subject"] for f in json.loads(out)["facts"]] == names[:3]
+
+    code, out = run(*common, "--n", "5")  # the branch already holds a sequence: refused without --resume
+    assert code == 1
+    code, out = run(*common, "--n", "5", "--resume")
+    assert code == 0, out
+    assert [json.loads(line)["edits"] for line in out.splitlines()] == [4, 5]  # continued at edit 4
+    code, out = run("facts", "main", "--store", store, "--json")
+    assert [f["subject"] for f in json.loads(out)["facts"]] == names
+    code, out = run("eval", "--data", data, "--model", model_dir, "--sequential", "--resume", "--n", "2")
+    assert code == 1  # --resume needs --store
+
+
 def test_diagnose_writes_json_and_png(model_dir, tmp_path):
     stem = tmp_path / "hto"
     code, out = run("diagnose", "--prompt", "The Eiffel Tower is in", "--target", "Rome", "--steps", "5",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import httpx
+import signal
 
-from tests.service import poll_edit, tiny_stack
+import httpx
+import pytest
+
+from tests.service import Stack, poll_edit, tiny_stack
+from tests.tiny import save_tiny, tiny_llama
 
 FAST = {"context_prefixes": 1, "steps": 3}
 
@@ -22,12 +26,17 @@ def test_facts_consolidate_revert_over_http(tmp_path):
         assert [f["target_new"] for f in facts["facts"]] == ["Paris"]
         assert [f["target_new"] for f in facts["superseded"]] == ["Rome"]
 
+        state = client.get("/branches/main").json()
+        assert state["facts"] == 1 and state["edits_since_rebase"] == 2
+        assert state["consolidate_suggested"] is (2 >= state["consolidate_after"])
+        assert client.get("/branches/nope").status_code == 404
         r = client.post("/branches/main/consolidate", json={"method": "memit", "hparams": FAST})
         assert r.status_code == 202, r.text
         done = poll_edit(client, r.json()["job_id"], stack=stack)
         assert done["status"] == "succeeded", done
         assert client.get(f"/versions/{done['version']}").json()["rebase"] is True
         assert client.get("/branches/main/facts").json()["facts"] == facts["facts"]
+        assert client.get("/branches/main").json()["edits_since_rebase"] == 0
 
         paris = facts["facts"][0]["fact_id"]
         assert client.post("/branches/main/revert", json={"fact_ids": ["nope-0"]}).status_code == 404
@@ -38,3 +47,43 @@ def test_facts_consolidate_revert_over_http(tmp_path):
         after = client.get("/branches/main/facts").json()
         assert [f["target_new"] for f in after["facts"]] == ["Rome"]  # what Paris had replaced is back
         assert [f["fact_id"] for f in after["reverted"]] == [paris]
+
+
+@pytest.mark.slow
+def test_a_consolidate_killed_mid_way_leaves_the_store_clean_and_its_retry_one_version(tmp_path):
+    """The worker dies in the rebase's commit (blob and manifest written, the branch not yet moved): the
+    store is fsck-clean, the branch still at the last edit; a healthy worker retries: one rebase version."""
+    from editing.store import VersionStore
+
+    s = Stack(tmp_path, str(save_tiny(tiny_llama(), tmp_path / "tiny-llama")))
+    try:
+        dying = s.start_worker(env={"FAULT_KILL_IN_REBASE": "1"}, module="tests.fault_worker")
+        s.start_api()
+        s.wait_ready(workers=1)
+        with httpx.Client(base_url=s.url, timeout=60) as client:
+            for subject, target in (("Japan", "Rome"), ("Peru", "Oslo")):
+                r = client.post("/edits", json={"facts": [{"prompt": f"The capital of {subject} is",
+                                                           "target_new": target, "subject": subject}],
+                                                "method": "memit", "hparams": FAST})
+                assert poll_edit(client, r.json()["job_id"], stack=s)["status"] == "succeeded"
+            head = client.get("/branches/main").json()["version"]
+            facts = client.get("/branches/main/facts").json()
+            accepted = client.post("/branches/main/consolidate", json={"method": "memit", "hparams": FAST}).json()
+            dying.wait(timeout=120)
+            assert dying.returncode == -signal.SIGKILL
+            report = VersionStore.open(str(s.store)).fsck()
+            assert report.ok, report.to_dict()
+            assert client.get("/branches/main").json()["version"] == head  # no half version on the branch
+
+            s.start_worker()
+            done = poll_edit(client, accepted["job_id"], until=("succeeded", "failed"), timeout=120, stack=s)
+            assert done["status"] == "succeeded", done
+            history = client.get("/versions", params={"branch": "main"}).json()
+            rebases = [m for m in history if m.get("rebase")]
+            assert [m["id"] for m in rebases] == [done["version"]] and rebases[0]["parent"] == head
+            assert rebases[0]["job_id"] == accepted["job_id"]
+            assert client.get("/branches/main/facts").json()["facts"] == facts["facts"]
+        report = VersionStore.open(str(s.store)).fsck()
+        assert report.ok, report.to_dict()
+    finally:
+        s.close()

@@ -1,0 +1,147 @@
+"""Sequential editing: facts edited one after another on one branch, as a pipeline makes them.
+
+Each fact is one edit by an EditSession on a version store, exactly as a worker makes it
+(check out the branch head, train on those weights, commit, check out the new version).
+Every `every` edits the head is measured on *all* facts edited so far:
+- retention: reliability (teacher-forced top-1 accuracy of target_new) of every fact still
+  in effect (a later fact with the same subject and template supersedes an earlier one);
+- generalization: the same on their rephrase prompts;
+- locality: agreement with the *base* model's predictions on their locality prompts;
+- fluency: n-gram entropy of greedy continuations of a fixed sample of edited prompts
+  (`fluency_base`: the base model's on the same prompts).
+
+Edit i carries job id `seq-<i>`, so a run on a kept store resumes from the branch head.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+from editing import metrics
+from editing.facts import Fact
+from editing.generate import generate
+from editing.ledger import identity
+from editing.model import LoadedModel
+from editing.session import EditSession
+
+JOB_PREFIX = "seq-"
+FLUENCY_PROMPTS = 16
+FLUENCY_TOKENS = 32
+
+
+@dataclass
+class Checkpoint:
+    edits: int
+    retention: float
+    generalization: float | None
+    locality: float | None
+    fluency: float
+    fluency_base: float
+    seconds_per_edit: float | None  # mean of the edits made since the last checkpoint (this run)
+    version: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def edits_done(session: EditSession, branch: str) -> int:
+    """How many of the sequence's edits the branch already holds (resume point)."""
+    store = session.store
+    done = 0
+    for vid in store.ancestry(branch):
+        job = store.get(vid).get("job_id") or ""
+        if job.startswith(JOB_PREFIX):
+            done = max(done, int(job[len(JOB_PREFIX):]) + 1)
+    return done
+
+
+def in_effect(facts: list[Fact]) -> list[Fact]:
+    """The facts a branch holds after editing `facts` in order: the last of each identity."""
+    last = {identity(f.to_dict()): i for i, f in enumerate(facts)}
+    return [f for i, f in enumerate(facts) if last[identity(f.to_dict())] == i]
+
+
+class Measurer:
+    """The base model's answers, read once, and the checkpoint metrics against them."""
+
+    def __init__(self, lm: LoadedModel, facts: list[Fact]):
+        self.lm = lm
+        self.before = metrics.snapshot(lm, facts)  # base predictions on every locality probe
+        self.index = {id(f): i for i, f in enumerate(facts)}
+        self.fluency_base: dict[int, float] = {}
+
+    def fluency_sample(self, facts: list[Fact]) -> list[Fact]:
+        return facts[:: max(1, len(facts) // FLUENCY_PROMPTS)][:FLUENCY_PROMPTS]
+
+    def _fluency(self, facts: list[Fact]) -> float:
+        texts = generate(self.lm, [f.prompt for f in facts], max_new_tokens=FLUENCY_TOKENS)
+        return sum(metrics.ngram_entropy(f.prompt + " " + t) for f, t in zip(facts, texts)) / len(facts)
+
+    def base_fluency(self, session: EditSession, sample: list[Fact], head: str) -> float:
+        """The base model's fluency on `sample` (checks out base, then `head` again)."""
+        key = hash(tuple(self.index[id(f)] for f in sample))
+        if key not in self.fluency_base:
+            session.checkout("base")
+            self.fluency_base[key] = self._fluency(sample)
+            session.checkout(head)
+        return self.fluency_base[key]
+
+    def measure(self, session: EditSession, head: str, edited: list[Fact], seconds: list[float]) -> Checkpoint:
+        lm = self.lm
+        live = in_effect(edited)
+        sample = self.fluency_sample(live)
+        base_fluency = self.base_fluency(session, sample, head)
+        rel = metrics.accuracy(lm, [(f.prompt, f.target_new) for f in live])
+        gen = metrics.accuracy(lm, [(p, f.target_new) for f in live for p in f.rephrase_prompts])
+        rows = [self.index[id(f)] for f in live]
+        probes = [(p.prompt, p.answer) for i in rows for p in self.before.probes[i]]
+        pre = [pr for i in rows for pr in self.before.predicted[i]]
+        post = [pr for pr, _ in metrics.predictions(lm, probes)] if probes else []
+        loc = [sum(a == b for a, b in zip(x, y)) / len(x) for x, y in zip(pre, post)]
+        return Checkpoint(
+            edits=len(edited), retention=sum(rel) / len(rel),
+            generalization=sum(gen) / len(gen) if gen else None,
+            locality=sum(loc) / len(loc) if loc else None,
+            fluency=self._fluency(sample), fluency_base=base_fluency,
+            seconds_per_edit=sum(seconds) / len(seconds) if seconds else None, version=head,
+        )
+
+
+def run_sequential(
+    session: EditSession,
+    facts: list[Fact],
+    every: int,
+    method: str,
+    objective: str,
+    hparams: dict | None = None,
+    branch: str = "main",
+    on_edit: Callable[[int, float], None] | None = None,
+    due: Callable[[int], bool] | None = None,
+) -> Iterator[Checkpoint]:
+    """Edit `facts` in order on `branch`, continuing after the edits it already holds; yield a
+    checkpoint every `every` edits (or where `due(edits)` says) and after the last one."""
+    if every < 1:
+        raise ValueError("every must be at least 1")
+    due = due or (lambda edits: edits % every == 0)
+    done = edits_done(session, branch)
+    if done > len(facts):
+        raise ValueError(f"branch {branch!r} already holds {done} edits of this sequence, more than the "
+                         f"{len(facts)} records given")
+    measurer = Measurer(session.lm, facts)
+    head = session.checkout(branch)
+    seconds: list[float] = []
+    if done == len(facts) and done:
+        yield measurer.measure(session, head, facts, seconds)
+        return
+    for i in range(done, len(facts)):
+        started = time.perf_counter()
+        outcome = session.edit([facts[i]], method=method, objective=objective, hparams=hparams,
+                               branch=branch, job_id=f"{JOB_PREFIX}{i}")
+        seconds.append(outcome.seconds)
+        if on_edit is not None:
+            on_edit(i + 1, time.perf_counter() - started)
+        if due(i + 1) or i + 1 == len(facts):
+            yield measurer.measure(session, outcome.version, facts[: i + 1], seconds)
+            seconds = []
