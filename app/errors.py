@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute, APIRouter
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from editing.store import BaseMismatchError, ConflictError, CorruptObjectError, NotFoundError, StoreError
 
@@ -99,6 +102,31 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, list[dict]]:
     return text or "invalid request", details
 
 
+# Every operation that reads a JSON body can answer these before its own validation runs.
+BODY_ERRORS = {400: {"description": "the body is not UTF-8 JSON text"},
+               415: {"description": "the body is not sent as `Content-Type: application/json`"}}
+
+
+def conform_routes(app: FastAPI, routers: Sequence[APIRouter]) -> None:
+    """After the routers are included: add BODY_ERRORS to the OpenAPI responses of every route that takes a
+    body, and keep each route's path and methods for the `Allow` header of a 405."""
+    routes = [r for router in routers for r in router.routes if isinstance(r, APIRoute)]
+    for route in routes:
+        if route.body_field is not None:
+            for status, response in BODY_ERRORS.items():
+                route.responses.setdefault(status, response)
+    app.state.route_methods = [(r.path_regex, r.methods) for r in routes] + [
+        (r.path_regex, r.methods) for r in app.routes if isinstance(r, Route)]
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path: FastAPI makes one route per method, and Starlette's 405
+    names only the first route that matched the path."""
+    path = request.scope.get("path", "")
+    methods = set().union(*(m or set() for regex, m in request.app.state.route_methods if regex.match(path)))
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -120,7 +148,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "error")
         message = BODY_NOT_UTF8 if exc.detail == "There was an error parsing the body" else str(exc.detail)
-        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = (headers or {}) | {"Allow": allowed_methods(request)}
+        return error_response(exc.status_code, code, message, headers)
 
     @app.exception_handler(NotFoundError)
     async def store_not_found(request: Request, exc: NotFoundError) -> JSONResponse:

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 
 from app.auth import KeyFile
 from app.deps import Services
-from app.errors import error_response, install_error_handlers
+from app.errors import conform_routes, error_response, install_error_handlers
 from app.metrics import Metrics
 from app.queue import JobClient
 from app.routers import edits, exports, generate, openai, ops, rebases, ui, versions
@@ -53,7 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.metrics.requests.labels(request.method, str(response.status_code)).inc()
         return response
 
-    for router in (edits.router, versions.router, rebases.router, exports.router, generate.router, openai.router,
-                   ops.router, ui.router):
+    routers = (edits.router, versions.router, rebases.router, exports.router, generate.router, openai.router,
+               ops.router, ui.router)
+    for router in routers:
         app.include_router(router)
+    conform_routes(app, routers)
     return app

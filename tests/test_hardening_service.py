@@ -72,3 +72,33 @@ def test_edit_sh_twice_makes_two_jobs_and_a_given_idempotency_key_replays(stack)
     assert first["job_id"] != second["job_id"] and second["seq"] == first["seq"] + 1
     keyed = [_edit_sh(stack, LMEDIT_IDEMPOTENCY_KEY="tour-retry-1") for _ in range(2)]
     assert keyed[0]["job_id"] == keyed[1]["job_id"], keyed  # the second is a replay, not a new edit
+
+
+# --- item 17: API conformance (tests/test_reliability_schema.py runs schemathesis --checks all) -----------
+
+
+def test_a_405_allows_every_method_of_its_path(client):
+    for method, path, allow in (("DELETE", "/branches", "GET, POST"), ("PUT", "/generate", "GET, POST"),
+                                ("PUT", "/edits/0123abcd", "DELETE, GET"), ("DELETE", "/tags", "POST")):
+        r = client.request(method, path)
+        assert r.status_code == 405 and r.headers["allow"] == allow, (method, path, r.headers, r.text)
+        assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_openai_bodies_are_strict_about_booleans_and_integers(client):
+    for path, body in (("/v1/completions", {"prompt": "The Eiffel Tower is in"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})):
+        for lax in ({"stream": 0}, {"n": 1.0}, {"max_tokens": 2.0}):  # coerced to false, 1, 2 before
+            r = client.post(path, json=body | {"max_tokens": 2} | lax)
+            assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", (path, lax, r.text)
+            assert next(iter(lax)) in r.json()["error"]["message"], r.text
+        r = client.post(path, json=body | {"max_tokens": 2, "temperature": 0, "n": 1, "stream": False})
+        assert r.status_code == 200, r.text  # an int where a float is asked (temperature) is still fine
+
+
+def test_every_operation_with_a_body_documents_its_400_and_415(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    with_body = [(p, m) for p, ops in paths.items() for m, op in ops.items() if "requestBody" in op]
+    assert len(with_body) >= 9, with_body
+    for p, m in with_body:
+        assert {"400", "415"} <= set(paths[p][m]["responses"]), (p, m, paths[p][m]["responses"])

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from app.deps import EditKey, ServicesDep, StoreDep
 from app.errors import NotFound
 from app.schemas.edits import EditAccepted, Objective
+from app.schemas.versions import BranchName
 from editing.hparams import DEFAULT_OBJECTIVE, METHOD_SPECS
 from editing.ledger import ledger_of
 
@@ -31,6 +32,9 @@ class ConsolidateRequest(BaseModel):
 
 
 class RevertRequest(ConsolidateRequest):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [  # what _something checks
+        {"required": ["fact_ids"], "properties": {"fact_ids": {"minItems": 1}}},
+        {"required": ["version"], "properties": {"version": {"type": "string", "minLength": 1}}}]})
     fact_ids: list[str] = Field(default_factory=list, max_length=1000, description="Facts to take out of effect.")
     version: str | None = Field(None, description="Or: every fact in effect that this version introduced.")
 
@@ -52,7 +56,7 @@ def _accept(services, principal, response: Response, request: dict, idempotency_
 @router.post("/{name}/consolidate", status_code=status.HTTP_202_ACCEPTED, response_model=EditAccepted,
              responses=ERRORS, summary="Re-solve a branch's facts together")
 def consolidate(
-    name: str, body: ConsolidateRequest, services: ServicesDep, store: StoreDep, principal: EditKey,
+    name: BranchName, body: ConsolidateRequest, services: ServicesDep, store: StoreDep, principal: EditKey,
     response: Response, idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> dict:
     """A job that writes one rebase version on top of the head: base plus every fact in effect solved
@@ -65,7 +69,7 @@ def consolidate(
 @router.post("/{name}/revert", status_code=status.HTTP_202_ACCEPTED, response_model=EditAccepted,
              responses=ERRORS, summary="Take facts out of effect")
 def revert(
-    name: str, body: RevertRequest, services: ServicesDep, store: StoreDep, principal: EditKey,
+    name: BranchName, body: RevertRequest, services: ServicesDep, store: StoreDep, principal: EditKey,
     response: Response, idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> dict:
     """A job that writes one rebase version in which these facts are no longer in effect and every other

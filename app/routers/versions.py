@@ -6,8 +6,19 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from app.deps import EditKey, ReadKey, StoreDep
-from app.schemas.versions import Branch, BranchCreate, Diff, Facts, Refs, RollbackRequest, TagCreate, Version
+from app.deps import EditKey, ReadKey, SettingsDep, StoreDep
+from app.schemas.versions import (
+    Branch,
+    BranchCreate,
+    BranchName,
+    BranchState,
+    Diff,
+    Facts,
+    Refs,
+    RollbackRequest,
+    TagCreate,
+    Version,
+)
 from editing.ledger import ledger_of
 
 router = APIRouter(tags=["versions"])
@@ -53,13 +64,23 @@ def create_branch(body: BranchCreate, store: StoreDep, principal: EditKey) -> di
 @router.post("/branches/{name}/rollback", response_model=Branch,
              responses={**NOT_FOUND, 409: {"description": "not an ancestor of the branch's head"}},
              summary="Move a branch back")
-def rollback_branch(name: str, body: RollbackRequest, store: StoreDep, principal: EditKey) -> dict:
+def rollback_branch(name: BranchName, body: RollbackRequest, store: StoreDep, principal: EditKey) -> dict:
     """Moves the branch back to an ancestor of its head; later versions are kept (and can be branched from)."""
     return {"name": name, "version": store.rollback(name, body.version)}
 
 
+@router.get("/branches/{name}", response_model=BranchState, responses=NOT_FOUND, summary="One branch")
+def get_branch(name: BranchName, store: StoreDep, settings: SettingsDep, principal: ReadKey) -> dict:
+    """The branch's head, the number of facts in effect, and whether a consolidate is suggested."""
+    head = store.head(name)
+    stacked = len(store.weights_chain(head)) - 1  # versions on top of the last rebase (or base)
+    return {"name": name, "version": head, "facts": len(ledger_of(store, head).live),
+            "edits_since_rebase": stacked, "consolidate_suggested": stacked >= settings.consolidate_after,
+            "consolidate_after": settings.consolidate_after}
+
+
 @router.get("/branches/{name}/facts", response_model=Facts, responses=NOT_FOUND, summary="Facts in effect")
-def branch_facts(name: str, store: StoreDep, principal: ReadKey) -> dict:
+def branch_facts(name: BranchName, store: StoreDep, principal: ReadKey) -> dict:
     """The branch's fact ledger: each fact in effect with its stable id and the version that introduced
     it; superseded facts with what replaced them; reverted ones with the version that reverted them."""
     return ledger_of(store, store.head(name)).to_dict()

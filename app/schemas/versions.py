@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
+
+from editing.store import NAME_PATTERN, VERSION_ID
+
+# Documented only: the store checks names, with a message that says what a name may be.
+REF_NAME = {"pattern": NAME_PATTERN, "not": {"pattern": VERSION_ID.pattern}}
+BranchName = Annotated[str, Path(description="A branch name.", json_schema_extra=REF_NAME)]
 
 VERSION_EXAMPLE = {
     "id": "9d1c0c7e5b0c4f7b8a1e2d3c4b5a6978", "parent": "0b6f3c1a2d4e5f60718293a4b5c6d7e8", "branch": "main",
@@ -49,6 +56,20 @@ class Branch(BaseModel):
     version: str
 
 
+class BranchState(BaseModel):
+    """A branch's head, how many facts it holds, and whether consolidating it is advised."""
+
+    name: str
+    version: str
+    facts: int = Field(description="Facts in effect (GET /branches/{name}/facts lists them).")
+    edits_since_rebase: int = Field(description="Versions stacked on the last rebase (consolidate or revert), "
+                                    "or on base when there is none.")
+    consolidate_suggested: bool = Field(description="True once `edits_since_rebase` reaches the service's "
+                                        "consolidate_after: stacked edits start to forget (REPORT.md section 3). "
+                                        "POST /branches/{name}/consolidate re-solves every live fact together.")
+    consolidate_after: int
+
+
 class Refs(BaseModel):
     branches: list[Branch]
     tags: list[Branch]
@@ -58,7 +79,8 @@ class Refs(BaseModel):
 class BranchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "experiment",
                                                                                  "from_version": "main"}]})
-    name: str = Field(description="Letters, digits, '.', '_' or '-'.")
+    name: str = Field(description="1-100 letters, digits, '.', '_' or '-', starting with a letter or digit; "
+                      "not 32 hex digits (a version id).", json_schema_extra=REF_NAME)
     from_version: str = Field("main", description="Where the branch starts: a version id, tag, branch or base.")
 
 
@@ -69,7 +91,7 @@ class RollbackRequest(BaseModel):
 
 class TagCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "v1", "version": "main"}]})
-    name: str
+    name: str = Field(description="As a branch name.", json_schema_extra=REF_NAME)
     version: str
 
 
