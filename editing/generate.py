@@ -1,18 +1,21 @@
 """Text generation from the model as it stands (whatever version is checked out).
 
-Batched (left padding), greedy when temperature is 0, with stop strings, seeds, per-row
-finish reasons, and a token streamer that hands text deltas to a callback (the worker
-appends them to a Redis stream).
+One decoding loop serves a batch of requests at once (`decode`): the prompts are left-padded into one
+batch (attention mask, positions counted from each row's first real token), and each row stops on
+its own (its request's token limit, a stop string, an end-of-sequence token); finished rows leave the
+batch. Greedy when the temperature is 0; otherwise each request samples from its own
+`torch.Generator` (seeded by the request's seed), so that a request's output does not depend on what
+else shares its batch. `on_text` streams a single-prompt request's text as it is decoded.
+`on_done` hands a request its completions as soon as its own rows are finished, while the rest of the
+batch decodes on. `complete` is the one-request form.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
 from editing.model import LoadedModel
 
@@ -25,23 +28,26 @@ class Completion:
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
 
 
+@dataclass
+class Request:
+    """One request's prompts (rows of the batch) and what is its own: token limit, stop strings,
+    seed, streaming callback, whether the tokenizer adds special tokens (not for chat templates)."""
+
+    prompts: list[str]
+    max_new_tokens: int = 32
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    on_text: Callable[[str], None] | None = None
+    add_special_tokens: bool = True
+    on_done: Callable[[list[Completion]], None] | None = None  # called once its rows are all finished
+
+
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-class StopOnStrings(StoppingCriteria):
-    """Ends each row once its generated text contains one of the stop strings."""
-
-    def __init__(self, tokenizer, prompt_len: int, stop: list[str]):
-        self.tokenizer, self.prompt_len, self.stop = tokenizer, prompt_len, [s for s in stop if s]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
-
-
-class TextDeltaStreamer(BaseStreamer):
+class TextDeltaStreamer:
     """Decodes one row's new tokens as they come and calls `on_text(delta)` with text that is final:
     complete characters, cut at a stop string, holding back what could still become one."""
 
@@ -49,15 +55,11 @@ class TextDeltaStreamer(BaseStreamer):
         self.tokenizer, self.stop, self.on_text = tokenizer, [s for s in stop if s], on_text
         self.ids: list[int] = []
         self.sent = 0
-        self.prompt_seen = False
         self.stopped = False
         self.hold = max((len(s) for s in self.stop), default=1) - 1
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+    def put(self, token_ids: list[int]) -> None:
+        self.ids.extend(token_ids)
         self._emit(final=False)
 
     def end(self) -> None:
@@ -79,7 +81,149 @@ class TextDeltaStreamer(BaseStreamer):
             self.sent = len(text)
 
 
+class _Row:
+    """One prompt being decoded: its tokens so far and when it is done."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], request: Request, generator: torch.Generator | None,
+                 eos: set[int]):
+        self.tokenizer, self.prompt_ids, self.eos, self.generator = tokenizer, prompt_ids, eos, generator
+        self.limit = request.max_new_tokens
+        self.stop = [s for s in request.stop if s]
+        self.streamer = TextDeltaStreamer(tokenizer, self.stop, request.on_text) if request.on_text else None
+        self.ids: list[int] = []
+        self.finish_reason: str | None = None
+
+    def push(self, token: int) -> bool:
+        """Take the next token; True once the row is finished."""
+        if token in self.eos:
+            self.finish_reason = "stop"
+        else:
+            self.ids.append(token)
+            if self.streamer is not None:
+                self.streamer.put([token])
+            if self.stop and cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stop)[1]:
+                self.finish_reason = "stop"
+            elif len(self.ids) >= self.limit:
+                self.finish_reason = "length"
+        if self.finish_reason is not None and self.streamer is not None:
+            self.streamer.end()
+        return self.finish_reason is not None
+
+    def completion(self) -> Completion:
+        text, hit = cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stop)
+        reason = "stop" if hit else (self.finish_reason or "length")
+        return Completion(text, len(self.ids), len(self.prompt_ids), reason)
+
+
+def _eos_ids(lm: LoadedModel) -> set[int]:
+    ids = {lm.tokenizer.eos_token_id}
+    config_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    return {int(i) for i in ids if i is not None}
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering of one row (transformers' TopPLogitsWarper): keep the most probable tokens
+    whose probabilities sum to top_p (at least one)."""
+    sorted_logits, order = torch.sort(logits, descending=False)
+    remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    remove[-1:] = False
+    return logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()  # a fresh non-deterministic seed: unseeded requests differ
+    else:
+        g.manual_seed(seed)
+    return g
+
+
 @torch.no_grad()
+def decode(lm: LoadedModel, requests: list[Request], temperature: float = 0.0,
+           top_p: float = 1.0) -> list[list[Completion]]:
+    """Continue every prompt of every request in one batch (left padding); greedy when temperature
+    is 0. Returns each request's completions, in order."""
+    tok, model, device = lm.tokenizer, lm.model, lm.device
+    for r in requests:
+        if r.on_text is not None and len(r.prompts) != 1:
+            raise ValueError("streaming serves one prompt at a time")
+        if r.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {r.max_new_tokens}")
+    sampling = temperature > 0
+    eos = _eos_ids(lm)
+    rows: list[_Row] = []
+    owner: list[int] = []
+    for i, r in enumerate(requests):
+        g = _generator(r.seed, device) if sampling else None
+        for prompt in r.prompts:
+            ids = tok(prompt, add_special_tokens=r.add_special_tokens).input_ids
+            if not ids:
+                raise ValueError("a prompt must have at least one token")
+            rows.append(_Row(tok, list(ids), r, g, eos))
+            owner.append(i)
+    out: list[list[Completion]] = [[] for _ in requests]
+    left = [len(r.prompts) for r in requests]
+
+    def finished(index: int) -> None:
+        i = owner[index]
+        left[i] -= 1
+        if left[i] == 0 and requests[i].on_done is not None:
+            requests[i].on_done([row.completion() for row, o in zip(rows, owner) if o == i])
+
+    if rows:
+        _run(model, rows, device, tok.pad_token_id if tok.pad_token_id is not None else min(eos, default=0),
+             temperature, top_p, finished)
+    for i, row in zip(owner, rows):
+        out[i].append(row.completion())
+    return out
+
+
+def _run(model, rows: list[_Row], device: torch.device, pad: int, temperature: float, top_p: float,
+         finished: Callable[[int], None]) -> None:
+    width = max(len(r.prompt_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+        mask[i, width - len(r.prompt_ids):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, active = out.cache, list(range(len(rows)))
+    while True:
+        logits = out.logits[:, -1, :].float()
+        if temperature > 0:
+            chosen = []
+            for k, i in enumerate(active):
+                row_logits = logits[k] / temperature
+                if top_p < 1.0:
+                    row_logits = _top_p_filter(row_logits, top_p)
+                chosen.append(torch.multinomial(row_logits.softmax(-1), 1, generator=rows[i].generator))
+            tokens = torch.cat(chosen)
+        else:
+            tokens = logits.argmax(-1)
+        keep = []
+        for k, (i, t) in enumerate(zip(active, tokens.tolist())):
+            if rows[i].push(t):
+                finished(i)
+            else:
+                keep.append(k)
+        if not keep:
+            return
+        if len(keep) < len(active):  # finished rows leave the batch
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, positions, tokens = mask[index], positions[index], tokens[index]
+            active = [active[k] for k in keep]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, cache=cache,
+                    use_cache=True)
+        cache = out.cache
+
+
 def complete(
     lm: LoadedModel,
     prompts: list[str],
@@ -93,40 +237,8 @@ def complete(
 ) -> list[Completion]:
     """Continue every prompt in one batch (left padding); greedy when temperature is 0.
     `on_text` streams the text of a single prompt as it is generated."""
-    tok, model = lm.tokenizer, lm.model
-    stop = [s for s in (stop or []) if s]
-    if on_text is not None and len(prompts) != 1:
-        raise ValueError("streaming serves one prompt at a time")
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(lm.device)
-    finally:
-        tok.padding_side = side
-    prompt_len = enc.input_ids.shape[1]
-    if seed is not None:
-        torch.manual_seed(seed)
-    sampling = temperature > 0
-    out = model.generate(
-        **enc,
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_p=top_p if sampling else None,
-        top_k=None,
-        pad_token_id=tok.pad_token_id,
-        stopping_criteria=StoppingCriteriaList([StopOnStrings(tok, prompt_len, stop)]) if stop else None,
-        streamer=TextDeltaStreamer(tok, stop, on_text) if on_text is not None else None,
-    )
-    eos = tok.eos_token_id
-    completions = []
-    for row, mask in zip(out[:, prompt_len:], enc.attention_mask):
-        ids = row.tolist()
-        n = ids.index(eos) if eos is not None and eos in ids else len(ids)
-        text, hit = cut_at_stop(tok.decode(ids[:n], skip_special_tokens=True), stop)
-        reason = "stop" if hit or n < len(ids) else "length"
-        completions.append(Completion(text, n, int(mask.sum()), reason))
-    return completions
+    request = Request(list(prompts), max_new_tokens, list(stop or []), seed, on_text, add_special_tokens)
+    return decode(lm, [request], temperature, top_p)[0]
 
 
 def generate(

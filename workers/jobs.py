@@ -1,13 +1,11 @@
 """RQ job functions, enqueued by name with JSON payloads (see workers/protocol.py).
 
 apply_edit: applies one accepted edit to its branch, in acceptance order, on the resident model.
-generate:   completes one or more prompts from one version (one batch), pushes the result (or a
-            token stream) to Redis for the waiting API request.
+(The generate job is workers/generate_jobs.py.)
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -19,9 +17,8 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from editing.facts import Fact
-from editing.generate import complete
 from editing.hparams import DEFAULT_OBJECTIVE, choose_method
-from editing.store import ConflictError, CorruptObjectError, NotFoundError, StoreError
+from editing.store import ConflictError, NotFoundError, StoreError
 from editing.train import EditCanceled, EditError, StepInfo
 from workers import protocol
 from workers.engine import get_engine
@@ -33,7 +30,6 @@ WAITING = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
 STEP_ASIDE = Retry(max=10_000)  # back of the queue, behind the edit this one must follow
 CONFLICT_RETRIES = 3  # the branch moved during the edit (a rollback): redo it on the new head
 PROGRESS_EVERY_S = 0.25
-GREEDY_BELOW = 1e-6  # temperatures this small decode greedily (see _temperature)
 WAIT_FOR_TURN_S = 15.0  # then step aside, so that a waiting worker also serves other jobs
 
 
@@ -178,70 +174,3 @@ def _rebase(engine, job, request: dict) -> dict:
     return {"status": "succeeded", "version": outcome.version, "parent": outcome.parent,
             "metrics": outcome.metrics, "seconds": round(outcome.seconds, 4), "ledger": outcome.manifest["ledger"]}
 
-
-# --- generations -----------------------------------------------------------------------------
-
-
-def _prompts(engine, request: dict) -> tuple[list[str], bool]:
-    """The prompts to complete, and whether the tokenizer should add special tokens."""
-    if request.get("messages") is not None:
-        tok = engine.lm.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise ValueError("this model has no chat template: use /v1/completions")
-        text = tok.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=False)
-        return [text], False
-    return list(request["prompts"]), True
-
-
-def _temperature(value) -> float:
-    """Sampling temperature; below GREEDY_BELOW, logits / T overflow to inf (NaN probabilities) and sampling
-    is greedy in the limit anyway: such temperatures decode greedily."""
-    t = float(value or 0.0)
-    return 0.0 if t < GREEDY_BELOW else t
-
-
-def generate(request: dict) -> dict:
-    """Complete request["prompts"] (or chat request["messages"]) from request["version"] in one batch.
-    The result goes to result_key(job id) for the waiting request, or to stream_key when streaming."""
-    job = get_current_job()
-    engine = get_engine()
-    conn = engine.redis
-    started = time.perf_counter()
-    stream = protocol.stream_key(job.id) if request.get("stream") else None
-
-    def on_text(delta: str) -> None:
-        conn.xadd(stream, {"text": delta})
-        conn.expire(stream, protocol.RESULT_TTL_S)
-
-    try:
-        version = engine.session.checkout(request["version"])
-        prompts, special = _prompts(engine, request)
-        outputs = complete(
-            engine.lm, prompts, max_new_tokens=int(request.get("max_new_tokens", 32)),
-            temperature=_temperature(request.get("temperature")), top_p=float(request.get("top_p") or 1.0),
-            seed=request.get("seed"), stop=request.get("stop") or [], on_text=on_text if stream else None,
-            add_special_tokens=special,
-        )
-        result = {"version": version, "seconds": round(time.perf_counter() - started, 4),
-                  "outputs": [o.__dict__ for o in outputs]}
-    except NotFoundError as e:
-        result = {"error": {"code": "not_found", "message": str(e)}}
-    except CorruptObjectError as e:  # the store's fault, not the request's: say so, and how to find out more
-        log.error("generation %s: %s", job.id, e)
-        result = {"error": {"code": "store_corrupt", "message": f"{e} (run `lmedit store fsck`)"}}
-    except (ValueError, KeyError, StoreError) as e:
-        result = {"error": {"code": "invalid_request", "message": f"{type(e).__name__}: {e}"}}
-    except Exception as e:  # noqa: BLE001 - the waiting request gets an answer, whatever happened
-        log.exception("generation %s failed", job.id)
-        result = {"error": {"code": "internal_error", "message": f"{type(e).__name__}: {e}"}}
-    payload = json.dumps(result)
-    with conn.pipeline(transaction=False) as pipe:
-        if stream:
-            pipe.xadd(stream, {"done": payload})
-            pipe.expire(stream, protocol.RESULT_TTL_S)
-        else:
-            pipe.rpush(protocol.result_key(job.id), payload)
-            pipe.expire(protocol.result_key(job.id), protocol.RESULT_TTL_S)
-        pipe.execute()
-    record_duration(conn, "generate", time.perf_counter() - started)
-    return {"version": result.get("version"), "error": result.get("error")}

@@ -12,7 +12,7 @@ EDITS_QUEUE = "edits"
 QUEUES = (GENERATE_QUEUE, EDITS_QUEUE)  # workers listen in this order: generations first
 
 APPLY_EDIT = "workers.jobs.apply_edit"  # apply_edit(request: EditJob dict) -> EditResult dict
-GENERATE = "workers.jobs.generate"  # generate(request: GenerateJob dict) -> None (result via result_key)
+GENERATE = "workers.generate_jobs.generate"  # generate(request: GenerateJob dict) -> None (result via result_key)
 EXPORT = "workers.export_jobs.export_version"  # ({"version", "format"}) -> {"status", "record" | "error"}
 
 SERIALIZER = "rq.serializers.JSONSerializer"
