@@ -41,6 +41,20 @@ def edit(client, facts, branch="main", hparams=TINY_HPARAMS, **headers) -> httpx
     return client.post("/edits", json={"facts": facts, "branch": branch, "hparams": hparams}, headers=headers)
 
 
+@pytest.fixture(scope="module")
+def rome(stack) -> dict:
+    """A version with FACT on a branch of its own, and a tag of it: made once, by whichever test asks
+    first, so that no test depends on what an earlier one left behind."""
+    with httpx.Client(base_url=stack.url, timeout=60) as c:
+        assert c.post("/branches", json={"name": "rome", "from_version": "base"}).status_code == 201
+        r = edit(c, [FACT], branch="rome")
+        assert r.status_code == 202, r.text
+        state = poll_edit(c, r.json()["job_id"], stack=stack)
+        assert state["status"] == "succeeded", state
+        assert c.post("/tags", json={"name": "rome-tag", "version": state["version"]}).status_code == 201
+    return {"branch": "rome", "tag": "rome-tag", "version": state["version"]}
+
+
 def generate(client, version, prompt=PROMPT, tokens=4) -> dict:
     r = client.get("/generate", params={"prompt": prompt, "version": version, "max_new_tokens": tokens})
     assert r.status_code == 200, r.text
@@ -115,7 +129,7 @@ def test_idempotency_key(client):
         assert poll_edit(client, job)["status"] == "succeeded"
 
 
-def test_bad_input_gives_json_errors(client):
+def test_bad_input_gives_json_errors(client, rome):
     assert_error(edit(client, [FACT], hparams={"lr": 5.0}), 422, "invalid_request")
     assert_error(edit(client, [FACT], hparams={"no_such": 1}), 422, "invalid_request")
     assert_error(client.post("/edits", json={"facts": [FACT], "method": "rome"}), 422, "invalid_request")
@@ -135,12 +149,11 @@ def test_bad_input_gives_json_errors(client):
     assert_error(client.delete("/edits/0123456789abcdef"), 404, "not_found")
     assert_error(client.post("/branches", json={"name": "main"}), 409, "conflict")
     assert_error(client.post("/branches", json={"name": "x", "from_version": "nope"}), 404)
-    assert_error(client.post("/branches/keep-rome/rollback", json={"version": "no-such"}), 404)
+    assert_error(client.post(f"/branches/{rome['branch']}/rollback", json={"version": "no-such"}), 404)
     # a version that is not an ancestor of the branch's head
-    client.post("/branches", json={"name": "side", "from_version": "base"})
-    head = client.get("/versions/keep-rome").json()["id"]
-    assert_error(client.post("/branches/side/rollback", json={"version": head}), 409, "conflict")
-    assert_error(client.post("/tags", json={"name": "eiffel-rome", "version": "base"}), 409, "conflict")
+    assert client.post("/branches", json={"name": "side", "from_version": "base"}).status_code == 201
+    assert_error(client.post("/branches/side/rollback", json={"version": rome["version"]}), 409, "conflict")
+    assert_error(client.post("/tags", json={"name": rome["tag"], "version": "base"}), 409, "conflict")
     assert_error(client.post("/v1/completions", json={"model": "nope", "prompt": "x"}), 404)
     assert_error(client.get("/no/such/route"), 404)
     big = b'{"facts": [' + b" " * 1_000_001 + b"]}"
@@ -205,21 +218,22 @@ def test_status_is_answered_from_the_store_once_redis_forgets(stack, client):
     assert state["status"] == "succeeded" and state["version"] == done["version"]
 
 
-def test_openai_client(stack):
+def test_openai_client(stack, rome):
     openai = pytest.importorskip("openai")
     oa = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0)
     ids = {m.id for m in oa.models.list().data}
-    assert {"base", "main", "keep-rome", "eiffel-rome"} <= ids
+    assert {"base", "main", rome["branch"], rome["tag"]} <= ids
+    tag = rome["tag"]
 
-    c = oa.completions.create(model="eiffel-rome", prompt=PROMPT, max_tokens=4, temperature=0)
+    c = oa.completions.create(model=tag, prompt=PROMPT, max_tokens=4, temperature=0)
     assert c.choices[0].text.strip().startswith("Rome") and c.usage.completion_tokens == 4
-    batch = oa.completions.create(model="eiffel-rome", prompt=[PROMPT, "Berlin is the capital of"],
+    batch = oa.completions.create(model=tag, prompt=[PROMPT, "Berlin is the capital of"],
                                   max_tokens=4, temperature=0)
     assert [ch.index for ch in batch.choices] == [0, 1] and batch.choices[0].text == c.choices[0].text
     streamed = "".join(ch.choices[0].text for ch in oa.completions.create(
-        model="eiffel-rome", prompt=PROMPT, max_tokens=4, temperature=0, stream=True))
+        model=tag, prompt=PROMPT, max_tokens=4, temperature=0, stream=True))
     assert streamed == c.choices[0].text
-    stopped = oa.completions.create(model="eiffel-rome", prompt=PROMPT, max_tokens=4, temperature=0, stop=["ome"])
+    stopped = oa.completions.create(model=tag, prompt=PROMPT, max_tokens=4, temperature=0, stop=["ome"])
     assert stopped.choices[0].text == c.choices[0].text.split("ome")[0] and stopped.choices[0].finish_reason == "stop"
 
     sampled = [oa.completions.create(model="main", prompt=PROMPT, max_tokens=6, temperature=1.5, top_p=0.9,
@@ -237,7 +251,8 @@ def test_openai_client(stack):
         oa.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
 
 
-def test_ready_health_metrics_docs(stack, client):
+def test_ready_health_metrics_docs(stack, client, rome):
+    generate(client, rome["version"])  # rome: an edit has succeeded; and now a generation has run
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready").json()
     assert ready["status"] == "ready" and ready["redis"] and ready["store"] and ready["workers"] == 1
@@ -287,9 +302,16 @@ def test_curl_examples_run_as_written(stack, client):
 
 
 def test_no_worker_means_503_not_a_hang(stack, client):
-    """With the worker gone, /ready says so and generation fails fast with 503."""
-    stack.workers[0].terminate()
-    stack.workers[0].wait(30)
-    wait_for(lambda: client.get("/ready").status_code == 503, 30, "/ready to notice the worker left")
-    assert_error(client.get("/ready"), 503, "unavailable")
-    assert_error(client.get("/generate", params={"prompt": PROMPT}), 503, "unavailable")
+    """With the worker gone, /ready says so and generation fails fast with 503 (then a worker comes back,
+    for any test that runs after this one)."""
+    gone = stack.workers[0]
+    gone.terminate()
+    gone.wait(30)
+    try:
+        wait_for(lambda: client.get("/ready").status_code == 503, 30, "/ready to notice the worker left")
+        assert_error(client.get("/ready"), 503, "unavailable")
+        assert_error(client.get("/generate", params={"prompt": PROMPT}), 503, "unavailable")
+    finally:
+        stack.workers.remove(gone)
+        stack.start_worker()
+        stack.wait_ready(workers=1)
