@@ -13,9 +13,12 @@ nothing is ever reverted by subtraction ((x + d) - d != x in floats).
 
 `ResidentModel` keeps one loaded model and moves it from the version it is at to any
 other. It rewrites only the tensors touched on either side since the two versions' last
-common ancestor, each recomputed as pristine base copy + S. Pristine copies are taken
-lazily, just before a tensor is first changed (they are kept for as long as the model
-lives: their size is that of every tensor any version touched).
+common ancestor, each recomputed as pristine base + S. Copy-on-write: just before a tensor
+is first changed, the parameter gets a private copy and the base tensor itself is kept as
+the pristine one. Loaded from the fp32 model cache, base tensors are memory-mapped from
+that file (editing/model.py), so the base is held once for every worker on a machine;
+each worker holds privately only the tensors some version touched, and nothing is ever
+written into the mapping (nor the file).
 
 Cache design (long chains stay fast): an LRU cache, bounded in bytes, of accumulated sums
 S keyed by (version id, tensor name), where the version is the last one in the chain that
@@ -215,7 +218,8 @@ def materialize(model: torch.nn.Module, store: VersionStore, version: str, keyfr
     sums = accumulate(store, chain, names, params, keyframe_every=keyframe_every)
     with torch.no_grad():
         for name, s in sums.items():
-            params[name].copy_(weight(params[name].detach(), s, params[name].dtype))
+            # a new tensor, not a write into the base's (possibly memory-mapped, shared) storage
+            params[name].data = weight(params[name].detach(), s, params[name].dtype)
     return vid
 
 
@@ -268,8 +272,7 @@ class ResidentModel:
             if missing:
                 raise KeyError(f"version {target} touches parameters the model does not have: {missing[:3]}")
             for n in names:  # still base: nothing has changed these tensors yet
-                if n not in self._pristine:
-                    self._pristine[n] = self._params[n].detach().clone()
+                self._own(n)
             # Everything is computed before anything is written, so a failure changes nothing.
             sums = accumulate(self.store, there, names, self._params, self.cache, self.snapshot_every,
                               self.keyframe_every)
@@ -281,6 +284,15 @@ class ResidentModel:
             self._dirty.clear()
             return target
 
+    def _own(self, n: str) -> None:
+        """Before a tensor first changes: keep the base tensor itself as the pristine copy (memory-mapped
+        from the model cache, its pages shared by every worker on the machine, never written) and give
+        the parameter a private copy to change. Only tensors some version touches become private."""
+        if n not in self._pristine:
+            p = self._params[n]
+            self._pristine[n] = p.detach()
+            p.data = p.detach().clone()
+
     def prepare_edit(self, names: Iterable[str]) -> None:
         """Call before changing these parameters in place (training): keeps their pristine base
         copies and marks them for rewriting on the next checkout."""
@@ -288,8 +300,7 @@ class ResidentModel:
             for n in names:
                 if n not in self._params:
                     raise KeyError(f"the model has no parameter {n!r}")
-                if n not in self._pristine:
-                    self._pristine[n] = self._params[n].detach().clone()
+                self._own(n)
                 self._dirty.add(n)
 
     @contextmanager
@@ -303,8 +314,7 @@ class ResidentModel:
             if missing:
                 raise KeyError(f"delta touches parameters the model does not have: {missing[:3]}")
             for n in names:
-                if n not in self._pristine:
-                    self._pristine[n] = self._params[n].detach().clone()
+                self._own(n)
             chain = self.store.weights_chain(self.version)
             sums = accumulate(self.store, chain, names, self._params, self.cache, self.snapshot_every,
                               self.keyframe_every)

@@ -123,8 +123,8 @@ def apply_delta(model: torch.nn.Module, delta: Delta) -> dict[str, torch.Tensor]
     with torch.no_grad():
         for name in delta.names():
             p = params[name]
-            originals[name] = p.detach().clone()
-            p.copy_((p.float() + delta.change(name).to(p.device)).to(p.dtype))
+            originals[name] = p.detach()  # kept as it is: the parameter gets a new tensor, so that nothing is
+            p.data = (p.float() + delta.change(name).to(p.device)).to(p.dtype)  # written into a shared base
     return originals
 
 

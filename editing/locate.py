@@ -219,7 +219,9 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
     order = sorted(modules, key=block_of)
     top = block_of(order[-1])
     c0 = second_moment(lm, modules, source=hp.c0_source, max_tokens=hp.c0_tokens)
-    originals = {n: modules[n].weight.detach().clone() for n in order}
+    originals = {n: modules[n].weight.detach() for n in order}  # kept as they are: the update goes to copies
+    for n in order:
+        modules[n].weight.data = originals[n].clone()
     factors: dict[str, LoraFactors] = {}
     first_keys: dict[str, torch.Tensor] = {}
     try:
@@ -235,8 +237,7 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
                 w = modules[name].weight
                 w.copy_((w.float() + f.dense().to(w.device)).to(w.dtype))
     finally:
-        with torch.no_grad():
-            for n, w in originals.items():
-                modules[n].weight.copy_(w)
+        for n, w in originals.items():
+            modules[n].weight.data = w
     memory = Memory(keys={n: k.cpu() for n, k in first_keys.items()}, values=values.cpu())
     return Delta(lora=factors), memory

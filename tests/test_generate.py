@@ -105,3 +105,13 @@ def test_bad_requests_are_refused():
         decode(lm, [Request(["a", "b"], 4, on_text=print)])
     with pytest.raises(ValueError, match="max_new_tokens"):
         decode(lm, [Request(["a"], 0)])
+
+
+@pytest.mark.integration
+def test_smollm2_greedy_batch_equals_each_request_alone(smollm2):
+    """The real model: a batch of mixed prompt lengths and limits (padding up to 9 tokens) gives the
+    tokens each request gives alone."""
+    prompts = ["The Eiffel Tower is", "The capital of France is", "Michel Rocard is a native speaker of",
+               "Water", "The mother tongue of Danielle Darrieux is", "Toko Yasuda plays the"]
+    requests = [Request([p], max_new_tokens=12 - i, stop=["."] if i % 2 else []) for i, p in enumerate(prompts)]
+    assert decode(smollm2, requests) == alone(smollm2, requests)
