@@ -51,10 +51,10 @@ def main() -> None:
     wall: dict[str, list[float]] = {o: [] for o in OBJECTIVES}  # every objective, timed in turn
     cpu: dict[str, list[float]] = {o: [] for o in OBJECTIVES}
     with ExitStack() as stack:
-        params, _, _, modules, frozen = stack.enter_context(trainable(lm.model, get_method("ft-m"), hp))
-        stack.enter_context(only_at(modules, frozen, batch.subject_mask))
-        inputs = stack.enter_context(skip_frozen_layers(lm.model, first_layer(modules), batch))
-        optimizer = torch.optim.Adam(params, lr=hp.lr)
+        trained = stack.enter_context(trainable(lm.model, get_method("ft-m"), hp))
+        stack.enter_context(only_at(trained.edited, trained.unedited, batch.subject_mask))
+        inputs = stack.enter_context(skip_frozen_layers(lm.model, first_layer(trained.edited), batch))
+        optimizer = torch.optim.Adam(trained.params, lr=hp.lr)
 
         def step(objective: str) -> None:
             logits = target_logits(lm.model, batch, inputs)  # (N, V)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
@@ -127,12 +129,22 @@ def along_keys(modules: dict[str, torch.nn.Module], keys: dict[str, torch.Tensor
             h.remove()
 
 
+class Trainable(NamedTuple):
+    """What `trainable` yields, for every method."""
+
+    params: list[torch.Tensor]  # what the optimizer trains (weights, LoRA factors, ft-k's U)
+    make_delta: Callable[[], Delta]  # the change so far, as a delta (call it inside `trainable`)
+    original_weights: dict[str, torch.Tensor]  # {param name: weight before training}: full fine-tuning only
+    edited: dict[str, torch.nn.Module]  # {module name: the module the change acts in} (LoRA: peft's layer)
+    unedited: dict[str, torch.nn.Module]  # the same modules without the change (copies, or LoRA's base layer)
+
+
 @contextmanager
 def trainable(model: torch.nn.Module, method: Method, hp: EditHparams, keys: dict | None = None):
-    """Make the method's parameters trainable; yields (params, make_delta, originals, modules, frozen).
+    """Make the method's parameters trainable; yields a `Trainable`.
 
-    `modules` are the trained modules and `frozen` unedited copies of them (for `only_at`).
-    On exit the model is exactly as before (the original weight tensors back in place, LoRA layers
+    `only_at` uses `edited` and `unedited`; the norm constraint clamps to `original_weights`.
+    On exit the model is exactly as before (weights restored by copy, LoRA layers
     removed), whether training succeeded or raised. `make_delta()` must be called inside.
     ft-k needs the facts' `keys` ({module name: (K, in)}, editing/keys.py `fact_keys`).
     """
@@ -140,26 +152,25 @@ def trainable(model: torch.nn.Module, method: Method, hp: EditHparams, keys: dic
     if method.along_keys:
         frozen = {name: copy.deepcopy(m) for name, m in modules.items()}
         with along_keys(modules, keys) as (params, make_delta):
-            yield params, make_delta, {}, modules, frozen
+            yield Trainable(params, make_delta, {}, modules, frozen)
         return
     if not method.low_rank:
         frozen = {name: copy.deepcopy(m) for name, m in modules.items()}
         params = {f"{name}.weight": m.weight for name, m in modules.items()}
-        originals = {name: p.detach() for name, p in params.items()}  # kept as they are, never written:
-        for p in params.values():  # training changes private copies, not the (memory-mapped, shared) base
-            p.data = p.detach().clone()
+        originals = {name: p.detach().clone() for name, p in params.items()}
+        for p in params.values():
             p.requires_grad_(True)
 
         def make_delta() -> Delta:
             return Delta(dense={n: (p.detach().float() - originals[n].float()) for n, p in params.items()})
 
         try:
-            yield list(params.values()), make_delta, originals, modules, frozen
+            yield Trainable(list(params.values()), make_delta, originals, modules, frozen)
         finally:
             with torch.no_grad():
                 for name, p in params.items():
                     p.requires_grad_(False)
-                    p.data = originals[name]
+                    p.copy_(originals[name])
         return
 
     from peft import LoraConfig, get_peft_model
@@ -190,7 +201,7 @@ def trainable(model: torch.nn.Module, method: Method, hp: EditHparams, keys: dic
                 for name, layer in lora_layers.items()
             })
 
-        yield params, make_delta, {}, lora_layers, {n: layer.base_layer for n, layer in lora_layers.items()}
+        yield Trainable(params, make_delta, {}, lora_layers, {n: layer.base_layer for n, layer in lora_layers.items()})
     finally:
         peft_model.unload()  # puts the original modules back, unmerged
         for attr in ("peft_config", "_hf_peft_config_loaded"):

@@ -136,10 +136,11 @@ def edit(
             make_delta, originals, first = None, {}, top
         else:
             keys = fact_keys(lm, target_modules(model, hp), batch, hp.positions, hp.whiten) if m.along_keys else None
-            params, make_delta, originals, modules, frozen = stack.enter_context(trainable(model, m, hp, keys))
+            trained = stack.enter_context(trainable(model, m, hp, keys))
+            params, make_delta, originals = trained.params, trained.make_delta, trained.original_weights
             if hp.positions != "all":
-                stack.enter_context(only_at(modules, frozen, batch.subject_mask))
-            first = first_layer(modules)
+                stack.enter_context(only_at(trained.edited, trained.unedited, batch.subject_mask))
+            first = first_layer(trained.edited)
         inputs = stack.enter_context(skip_frozen_layers(model, first, batch))
         optimizer = torch.optim.Adam(params, lr=hp.lr)
         for step in range(hp.steps + 1):  # the extra pass checks the stop rule after the last step

@@ -92,11 +92,11 @@ def test_lora_factors_equal_peft_delta_weight(make):
     """Our factor → dense change agrees with peft's own get_delta_weight (Conv1D included)."""
     lm = make()
     hp = resolve_hparams("lora", {"layers": [0]})
-    with trainable(lm.model, get_method("lora"), hp) as (params, make_delta, _, layers, _):
-        for p in params:
+    with trainable(lm.model, get_method("lora"), hp) as trained:
+        for p in trained.params:
             torch.nn.init.normal_(p, std=0.1)  # B starts at zero: give it something
-        delta = make_delta()
-        for name, layer in layers.items():
+        delta = trained.make_delta()
+        for name, layer in trained.edited.items():
             expected = layer.get_delta_weight("default")
             assert torch.allclose(delta.change(f"{name}.weight"), expected, atol=1e-6)
 
