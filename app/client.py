@@ -153,9 +153,11 @@ class Client:
         return self._json("GET", f"/edits/{job_id}")
 
     def wait_edit(self, job_id: str, timeout: float = 600.0, poll: float = 0.5,
-                  on_progress: Callable[[dict], None] | None = None) -> dict:
+                  on_progress: Callable[[dict], None] | None = None, metrics: bool = True) -> dict:
         """Poll until the edit is done; `on_progress(state)` on every change of its state. Returns the
-        succeeded state; raises EditFailed (failed, canceled) or Timeout."""
+        succeeded state; raises EditFailed (failed, canceled) or Timeout. The version is live as soon as
+        the edit succeeds and its metrics are measured after it: `metrics=False` returns then (the
+        state has `metrics_pending`), the default waits for the metrics too."""
         deadline, last = time.monotonic() + timeout, None
         while True:
             state = self.edit(job_id)
@@ -163,8 +165,9 @@ class Client:
                 on_progress(state)
             last = state
             if state.get("status") == "succeeded":
-                return state
-            if state.get("status") in DONE:
+                if not (metrics and state.get("metrics_pending")):
+                    return state
+            elif state.get("status") in DONE:
                 raise EditFailed(200, state["status"], state.get("error") or f"edit {job_id} {state['status']}",
                                  body=state)
             if time.monotonic() > deadline:

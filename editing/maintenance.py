@@ -82,9 +82,17 @@ def gc(store: VersionStore, grace_seconds: float = 3600.0) -> dict:
         store.backend.delete(path)  # the keyframe of a version that is gone: its blob is dropped below
         removed.append(path)
         freed += size
+    for path in store.backend.list("metrics"):  # deferred metrics of versions that are gone
+        vid = path.rsplit("/", 1)[-1].removesuffix(".json")
+        if not _is_tmp(path) and vid not in versions:
+            size = store.backend.stat(path)[1]
+            store.backend.delete(path)
+            removed.append(path)
+            freed += size
     cutoff = time.time() - grace_seconds
     candidates = store.backend.list("objects") + [
-        p for prefix in ("versions", "refs", "reflog", "keyframes") for p in store.backend.list(prefix) if _is_tmp(p)
+        p for prefix in ("versions", "refs", "reflog", "keyframes", "metrics") for p in store.backend.list(prefix)
+        if _is_tmp(p)
     ]
     for path in candidates:
         name = path.rsplit("/", 1)[-1]
@@ -151,6 +159,17 @@ def fsck(store: VersionStore, repair: bool = False) -> FsckReport:
                 kind = "missing-object" if "missing" in str(e) else "corrupt-object"
                 report.add(kind, _object_path(sha), str(e))
     _fsck_keyframes(store, ok, referenced, report, repair)
+    for path in store.backend.list("metrics"):
+        vid = path.rsplit("/", 1)[-1].removesuffix(".json")
+        if _is_tmp(path) or vid not in ok:
+            report.notes.append(f"{path}: a temporary file or the metrics of a version that is gone (gc removes it)")
+            continue
+        if not ok[vid]:  # its manifest is reported already
+            continue
+        try:
+            store.measured(vid)
+        except StoreError as e:
+            report.add("corrupt-metrics", path, str(e))
     objects = store.backend.list("objects")
     report.objects = sum(not _is_tmp(p) for p in objects)
     orphans = sum(not _is_tmp(p) and p.rsplit("/", 1)[-1] not in referenced for p in objects)

@@ -4,11 +4,19 @@ This is the edit → measure → commit sequence the CLI and the workers share:
 check out the branch head, snapshot the locality probes, train, measure the new
 weights re-materialised exactly as the version will be (W = base + S_parent + d), commit,
 and leave the model at the new version. Without a store, the delta is applied in memory.
+
+With `defer_metrics` (the workers), nothing but training stands between the head and the new
+version: the version is committed with `metrics_deferred` and the model left at it; `measure`
+later snapshots the parent and measures the version on its own checked-out weights (the same
+weights, so the same metrics) into the store's metrics record. `timings` collects seconds per
+phase (checkout, snapshot, training, metrics, commit, checkout_after).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from editing import metrics
@@ -33,6 +41,17 @@ class EditOutcome:
     steps: int
     delta: Delta
     manifest: dict | None = None
+
+
+@contextmanager
+def phase(timings: dict[str, float] | None, name: str) -> Iterator[None]:
+    """Add the seconds the block takes to timings[name] (a phase met twice, as on a retry, adds up)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
 class EditSession:
@@ -77,33 +96,65 @@ class EditSession:
         fluency_tokens: int = 0,
         on_step: Callable[[StepInfo], None] | None = None,
         is_canceled: Callable[[], bool] | None = None,
+        defer_metrics: bool = False,
+        timings: dict[str, float] | None = None,
     ) -> EditOutcome:
+        """Train `facts` into a new version on `branch` (see the module's docstring). With
+        `defer_metrics`, the outcome's metrics are the training stats alone; call `measure` later."""
         lm = self.lm
         parent = None
+        defer = defer_metrics and self.store is not None
         if self.store is not None:
-            parent = self.store.head(branch)
-            self.resident.checkout(parent)
-        before = metrics.snapshot(lm, facts)
+            with phase(timings, "checkout"):
+                parent = self.store.head(branch)
+                self.resident.checkout(parent)
+        before = None
+        if not defer:
+            with phase(timings, "snapshot"):
+                before = metrics.snapshot(lm, facts)
         protect = None
         if self.store is not None and method_spec(method).closed_form == "alphaedit":
             protect = live_keys(self.store, ledger_of(self.store, parent))  # the branch's facts stay put
-        result = edit(lm, facts, method=method, objective=objective, hparams=hparams,
-                      on_step=on_step, is_canceled=is_canceled, live_keys=protect)
+        with phase(timings, "training"):
+            result = edit(lm, facts, method=method, objective=objective, hparams=hparams,
+                          on_step=on_step, is_canceled=is_canceled, live_keys=protect)
         stats = {"steps": result.steps, "edit_seconds": round(result.seconds, 4)}
         if self.store is None:
             apply_delta(lm.model, result.delta)  # in memory: the model stays edited
             measured = metrics.measure(lm, facts, before, fluency_tokens)
             return EditOutcome(None, None, measured, result.seconds, result.steps, result.delta)
 
-        with self.resident.preview(result.delta):
-            measured = metrics.measure(lm, facts, before, fluency_tokens)
-        manifest = self.store.commit(
-            branch, result.delta, parent=parent, facts=[f.to_dict() for f in facts], method=method,
-            objective=objective, hparams=result.hparams.model_dump(), metrics={**measured, **stats},
-            job_id=job_id, key_id=key_id, base_fingerprint=lm.fingerprint,
-        )
+        measured = {}
+        if not defer:
+            with phase(timings, "metrics"), self.resident.preview(result.delta):
+                measured = metrics.measure(lm, facts, before, fluency_tokens)
+        with phase(timings, "commit"):
+            manifest = self.store.commit(
+                branch, result.delta, parent=parent, facts=[f.to_dict() for f in facts], method=method,
+                objective=objective, hparams=result.hparams.model_dump(), metrics={**measured, **stats},
+                job_id=job_id, key_id=key_id, base_fingerprint=lm.fingerprint, metrics_deferred=defer,
+            )
+        with phase(timings, "checkout_after"):
+            self.resident.checkout(manifest["id"])
+        return EditOutcome(manifest["id"], parent, manifest["metrics"] if defer else measured, result.seconds,
+                           result.steps, result.delta, manifest)
+
+    def measure(self, version: str, fluency_tokens: int = 0) -> dict:
+        """The metrics of a version committed with deferred metrics, measured now (locality against
+        its parent) and written to the store's metrics record once; the manifest's metrics merged with
+        them. A version measured already (or not deferred) is returned as it is, nothing recomputed."""
+        if self.store is None:
+            raise NotFoundError("measuring a version needs a version store")
+        manifest = self.store.get(version)
+        if not manifest.get("metrics_deferred") or self.store.measured(manifest["id"]) is not None:
+            return manifest["metrics"]
+        facts = [Fact.from_dict(f) for f in manifest["facts"]]
+        self.resident.checkout(manifest["parent"])
+        before = metrics.snapshot(self.lm, facts)
         self.resident.checkout(manifest["id"])
-        return EditOutcome(manifest["id"], parent, measured, result.seconds, result.steps, result.delta, manifest)
+        measured = metrics.measure(self.lm, facts, before, fluency_tokens)
+        record = self.store.write_metrics(manifest["id"], measured)
+        return {**manifest["metrics"], **record["metrics"]}
 
     def rebase(
         self,

@@ -13,6 +13,10 @@ rebuilt from the ref log. Layout (all paths relative to the store's root):
     refs/branches/<name>               a ref: the JSON entry of its latest move (below)
     refs/tags/<name>                   a tag: written once, never moved
     reflog/<branches|tags>/<name>/<seq>.json   the append-only ref log: one object per move
+    metrics/<id>.json                  metrics measured after the version was committed (a manifest
+                                       with `metrics_deferred: true`): {version, metrics, measured_at},
+                                       written once; `get`, `log`, `versions` and `find_job` show them
+                                       merged into the manifest's `metrics` once they exist
     keyframes/<id>.json                a keyframe record: {version, object, bytes, tensors, position};
                                        its object (in objects/, safetensors like a delta) holds the
                                        accumulated sum S_v of every tensor the version's weights chain
@@ -162,6 +166,10 @@ def _object_path(sha: str) -> str:
     return f"objects/{sha[:2]}/{sha}"
 
 
+def _metrics_path(vid: str) -> str:
+    return f"metrics/{vid}.json"
+
+
 def _keyframe_path(vid: str) -> str:
     return f"keyframes/{vid}.json"
 
@@ -178,6 +186,7 @@ class VersionStore:
         self.url = url
         self.config = config
         self._manifests: dict[str, dict] = {}  # manifests are immutable: cached forever
+        self._measured: dict[str, dict] = {}  # so are metrics records, once written
 
     # --- opening -------------------------------------------------------------------------------
     @classmethod
@@ -263,8 +272,39 @@ class VersionStore:
         return entry["version"]
 
     def get(self, name: str) -> dict:
-        """The manifest of a version (any name `resolve` accepts): a copy, the cache stays intact."""
-        return copy.deepcopy(self._manifest(self.resolve(name)))
+        """The manifest of a version (any name `resolve` accepts): a copy, the cache stays intact;
+        deferred metrics merged in once measured (`measured`)."""
+        return self._view(self.resolve(name))
+
+    def _view(self, vid: str) -> dict:
+        manifest = copy.deepcopy(self._manifest(vid))
+        if manifest.get("metrics_deferred") and (record := self.measured(vid)) is not None:
+            manifest["metrics"] = {**manifest["metrics"], **record["metrics"]}
+        return manifest
+
+    def measured(self, name: str) -> dict | None:
+        """The record of metrics measured after commit (None: none yet, or none deferred)."""
+        vid = self.resolve(name)
+        if vid in self._measured:
+            return self._measured[vid]
+        try:
+            record = json.loads(self.backend.read(_metrics_path(vid)))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise CorruptObjectError(f"metrics record of version {vid} ({_metrics_path(vid)}) is corrupt") from None
+        self._measured[vid] = record  # written once: cached like the manifests
+        return record
+
+    def write_metrics(self, name: str, metrics: dict) -> dict:
+        """Record the metrics of a version measured after its commit (written once: a second writer
+        keeps the first record, measured on the same exact weights). Returns the record in effect."""
+        vid = self.resolve(name)
+        record = {"version": vid, "metrics": _plain(dict(metrics)), "measured_at": _now()}
+        if not self.backend.create(_metrics_path(vid), json.dumps(record, indent=1, sort_keys=True).encode()):
+            return self.measured(vid) or record
+        self._measured[vid] = record
+        return record
 
     def _manifest(self, vid: str) -> dict:
         if vid in self._manifests:
@@ -316,7 +356,7 @@ class VersionStore:
 
     def log(self, name: str = "main") -> list[dict]:
         """Manifests from `name` back to base, newest first."""
-        return [copy.deepcopy(self._manifest(v)) for v in reversed(self.ancestry(name))]
+        return [self._view(v) for v in reversed(self.ancestry(name))]
 
     def versions(self) -> list[dict]:
         """Every version in the store (not only those on a branch), newest first."""
@@ -324,7 +364,7 @@ class VersionStore:
         for path in self.backend.list("versions"):
             vid = path.rsplit("/", 1)[-1].removesuffix(".json")
             if VERSION_ID.match(vid):
-                out.append(copy.deepcopy(self._manifest(vid)))
+                out.append(self._view(vid))
         return sorted(out, key=lambda m: (m["created_at"] or "", m["id"]), reverse=True)
 
     def branches(self) -> dict[str, str]:
@@ -455,6 +495,7 @@ class VersionStore:
         key_id: str | None = None,
         base_fingerprint: str | None = None,
         rebase: dict | None = None,
+        metrics_deferred: bool = False,
     ) -> dict:
         """Record `delta` (made on top of version `parent`) as a new version on `branch`.
 
@@ -464,6 +505,7 @@ class VersionStore:
         ConflictError if the branch no longer points at `parent`. If `job_id` is already in
         the branch's ancestry, that version's manifest is returned and nothing is written.
         `base_fingerprint` (default: the one the store was opened with) must be the store's.
+        `metrics_deferred`: the version's metrics are measured after it is live (`write_metrics`).
         """
         if base_fingerprint is not None and base_fingerprint != self.base_fingerprint:
             raise BaseMismatchError(
@@ -493,6 +535,8 @@ class VersionStore:
         }
         if rebase is not None:  # only then: the ids of ordinary manifests stay as they were
             manifest.update(rebase=True, ledger=_plain(dict(rebase)))
+        if metrics_deferred:  # likewise
+            manifest["metrics_deferred"] = True
         manifest["id"] = _version_id(manifest)
         self.backend.write(
             f"versions/{manifest['id']}.json", json.dumps(manifest, indent=1, sort_keys=True).encode()
@@ -521,12 +565,12 @@ class VersionStore:
                     break
                 seen.add(vid)
                 if self._manifest(vid).get("job_id") == job_id:
-                    return copy.deepcopy(self._manifest(vid))
+                    return self._view(vid)
         if head is None:
             for path in self.backend.list("versions"):
                 vid = path.rsplit("/", 1)[-1].removesuffix(".json")
                 if VERSION_ID.match(vid) and vid not in seen and self._manifest(vid).get("job_id") == job_id:
-                    return copy.deepcopy(self._manifest(vid))
+                    return self._view(vid)
         return None
 
     def create_branch(self, name: str, from_version: str = "main") -> str:

@@ -134,15 +134,19 @@ def wait_for(check, timeout: float, what: str, stack: Stack | None = None, every
 
 
 def poll_edit(client: httpx.Client, job_id: str, until=("succeeded", "failed", "canceled"), timeout: float = 90,
-              stack: Stack | None = None) -> dict:
+              stack: Stack | None = None, metrics: bool = True, every: float = 0.2) -> dict:
+    """Poll an edit until its status is in `until`; with `metrics`, a succeeded edit also until its
+    metrics are measured (a worker measures a version after it is live: `metrics_pending` until then)."""
     state: dict = {}
 
     def done() -> bool:
         nonlocal state
         state = client.get(f"/edits/{job_id}").json()
+        if metrics and state.get("status") == "succeeded" and state.get("metrics_pending"):
+            return False
         return state.get("status") in until
 
-    wait_for(done, timeout, f"edit {job_id} to reach {until} (last: {state})", stack)
+    wait_for(done, timeout, f"edit {job_id} to reach {until} (last: {state})", stack, every)
     return state
 
 

@@ -242,3 +242,37 @@ def test_by_default_the_edit_trains_at_the_subjects_last_token():
     assert cos[last] > 0.99 and max(c for i, c in enumerate(cos) if i != last) < 0.6, (last, cos)
     everywhere = edit(lm, [FACT], "ft-m", "ce", {**hp, "positions": "all"}).delta.change(down)
     assert not torch.allclose(everywhere, change, atol=1e-4)
+
+
+def test_deferred_metrics_equal_those_measured_before_the_commit(tmp_path):
+    """A worker commits first and measures later (on the version's checked-out weights, locality against
+    its parent): the metrics are the ones the inline path measures on the previewed weights."""
+    from editing.session import EditSession
+    from editing.store import VersionStore
+
+    facts = [FACT, Fact("Berlin is the capital of", "France",
+                        locality_prompts=[{"prompt": "Paris is in", "answer": ""}])]
+    results = {}
+    for mode in ("inline", "deferred"):
+        lm = tiny_llama()  # at base, as a session needs it
+        session = EditSession(lm, VersionStore.open(tmp_path / mode, base_fingerprint=lm.fingerprint))
+        session.edit([facts[1]], hparams=FAST)  # a parent that is not base
+        timings = {}
+        outcome = session.edit([facts[0]], hparams=FAST, defer_metrics=mode == "deferred", timings=timings)
+        store = session.store
+        if mode == "deferred":
+            assert set(timings) == {"checkout", "training", "commit", "checkout_after"}
+            assert store.get(outcome.version)["metrics_deferred"] and store.measured(outcome.version) is None
+            assert set(outcome.metrics) == {"steps", "edit_seconds"}
+            session.checkout("base")  # the worker may be anywhere when it measures
+            measured = session.measure(outcome.version)
+            assert store.measured(outcome.version)["metrics"].items() <= measured.items()
+            assert session.measure(outcome.version) == measured  # once: nothing recomputed
+        else:
+            assert set(timings) == {"checkout", "snapshot", "training", "metrics", "commit", "checkout_after"}
+            assert "metrics_deferred" not in store.get(outcome.version)
+        manifest = store.get(outcome.version)
+        assert store.log("main")[0]["metrics"] == manifest["metrics"]
+        assert store.fsck().ok
+        results[mode] = {k: v for k, v in manifest["metrics"].items() if k != "edit_seconds"}
+    assert results["deferred"] == results["inline"] and results["inline"]["reliability"] == 1.0

@@ -269,6 +269,33 @@ def test_ready_health_metrics_docs(stack, client, rome):
     assert client.get("/docs").status_code == 200
 
 
+def test_an_edit_is_live_before_its_metrics_and_says_where_its_seconds_went(stack, client):
+    """Time to knowledge: the result carries seconds per phase (training among them, all of them within
+    the wall time from POST to result); the version serves generations before its metrics exist; the
+    metrics follow in GET /edits/{id} and in the version's manifest."""
+    assert client.post("/branches", json={"name": "ttk", "from_version": "base"}).status_code == 201
+    posted = time.time()
+    r = edit(client, [FACT], branch="ttk")
+    assert r.status_code == 202, r.text
+    job = r.json()["job_id"]
+    state = poll_edit(client, job, stack=stack, metrics=False, every=0.02)
+    wall = time.time() - posted
+    assert state["status"] == "succeeded", state
+    timings = state["timings"]
+    assert timings["training"] > 0 and {"queue", "checkout", "commit"} <= set(timings), timings
+    assert "metrics" not in timings and "snapshot" not in timings  # off the path to the new version
+    assert all(t >= 0 for t in timings.values()) and sum(timings.values()) <= wall, (timings, wall)
+    assert generate(client, state["version"])["text"].strip().startswith("Rome")
+
+    done = poll_edit(client, job, stack=stack)  # until measured (a job of its own, after the edit)
+    assert "metrics_pending" not in done and done["version"] == state["version"]
+    assert done["metrics"]["reliability"] == 1.0 and done["metrics"]["locality"] is not None
+    assert done["metrics"]["steps"] == state["metrics"]["steps"]  # the training stats stay
+    manifest = client.get(f"/versions/{state['version']}").json()
+    assert manifest["metrics"] == done["metrics"]
+    assert client.get("/versions", params={"branch": "ttk"}).json()[0]["metrics"] == done["metrics"]
+
+
 def test_api_never_imports_torch(stack):
     maps = Path(f"/proc/{stack.apis[0].pid}/maps").read_text()
     assert "libtorch" not in maps and "torch/lib" not in maps  # the running API process

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timezone
 
 import redis
 from rq import get_current_job
@@ -18,10 +19,12 @@ from rq.serializers import JSONSerializer
 
 from editing.facts import Fact
 from editing.hparams import DEFAULT_OBJECTIVE, choose_method
+from editing.session import phase
 from editing.store import ConflictError, NotFoundError, StoreError
 from editing.train import EditCanceled, EditError, StepInfo
 from workers import protocol
 from workers.engine import get_engine
+from workers.measure_jobs import enqueue_measure
 
 log = logging.getLogger("lmedit.worker")
 
@@ -95,6 +98,7 @@ def apply_edit(request: dict) -> dict | Retry:
     branch = request["branch"]
     base = {"job_id": job.id, "branch": branch, "seq": request.get("seq")}
     started = time.perf_counter()
+    timings = {"queue": _queued_for(job)}  # seconds per phase, POST to result (time to knowledge)
 
     def finish(result: dict) -> dict:
         conn.lrem(protocol.pending_key(branch), 1, job.id)
@@ -102,16 +106,22 @@ def apply_edit(request: dict) -> dict | Retry:
         return base | result
 
     try:
-        done = store.find_job(store.head(branch), job.id)  # a retried job creates nothing new
+        with phase(timings, "lookup"):
+            done = store.find_job(store.head(branch), job.id)  # a retried job creates nothing new
     except StoreError as e:  # the branch is gone, or the store unreadable
         return finish({"status": "failed", "error": f"{type(e).__name__}: {e}"})
     if done is not None:
+        pending = bool(done.get("metrics_deferred")) and store.measured(done["id"]) is None
+        if pending:  # the first attempt may have died before it queued the measurement
+            _measure_later(conn, done["id"], job.id)
         return finish({"status": "succeeded", "version": done["id"], "parent": done["parent"],
-                       "metrics": done["metrics"]})
+                       "metrics": done["metrics"], **({"metrics_pending": True} if pending else {})})
     if _is_canceled(conn, job.id):
         return finish({"status": "canceled"})
-    if not _wait_for_turn(conn, job, branch, wait_s=WAIT_FOR_TURN_S,
-                          cleanup_every_s=settings.maintenance_interval_s):
+    with phase(timings, "turn"):
+        my_turn = _wait_for_turn(conn, job, branch, wait_s=WAIT_FOR_TURN_S,
+                                 cleanup_every_s=settings.maintenance_interval_s)
+    if not my_turn:
         if _is_canceled(conn, job.id):
             return finish({"status": "canceled"})
         log.info("edit %s (%s#%s) steps aside for an earlier edit", job.id, branch, request.get("seq"))
@@ -137,6 +147,7 @@ def apply_edit(request: dict) -> dict | Retry:
                     facts, method=method, objective=request.get("objective") or DEFAULT_OBJECTIVE,
                     hparams=request.get("hparams") or None, branch=branch, job_id=job.id,
                     key_id=request.get("key_id"), on_step=on_step, is_canceled=lambda: _is_canceled(conn, job.id),
+                    defer_metrics=True, timings=timings,
                 )
                 break
             except ConflictError:
@@ -148,10 +159,29 @@ def apply_edit(request: dict) -> dict | Retry:
     except (EditError, ConflictError, NotFoundError, StoreError, ValueError, KeyError) as e:
         log.warning("edit %s failed: %s", job.id, e)
         return finish({"status": "failed", "error": f"{type(e).__name__}: {e}"})
+    _measure_later(conn, outcome.version, job.id)
     return finish({"status": "succeeded", "version": outcome.version, "parent": outcome.parent,
                    "metrics": outcome.manifest["metrics"] if outcome.manifest else outcome.metrics,
-                   "steps": outcome.steps, "seconds": round(outcome.seconds, 4), "method": method,
-                   **({"note": note} if note else {})})
+                   "metrics_pending": True, "steps": outcome.steps, "seconds": round(outcome.seconds, 4),
+                   "method": method, "timings": timings, **({"note": note} if note else {})})
+
+
+def _queued_for(job: Job) -> float:
+    """Seconds from the edit's acceptance (the API created the job) to this attempt's start."""
+    created = job.created_at
+    if created is None:
+        return 0.0
+    if created.tzinfo is None:  # RQ stores UTC
+        created = created.replace(tzinfo=timezone.utc)
+    return round(max(0.0, time.time() - created.timestamp()), 4)
+
+
+def _measure_later(conn, version: str, job_id: str) -> None:
+    """Queue the version's metrics (workers/measure_jobs.py); without Redis they stay pending."""
+    try:
+        enqueue_measure(conn, version, job_id)
+    except redis.RedisError:
+        log.warning("could not queue the metrics of %s (edit %s): they stay pending", version, job_id, exc_info=True)
 
 
 def _rebase(engine, job, request: dict) -> dict:

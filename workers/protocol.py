@@ -13,6 +13,7 @@ QUEUES = (GENERATE_QUEUE, EDITS_QUEUE)  # workers listen in this order: generati
 
 APPLY_EDIT = "workers.jobs.apply_edit"  # apply_edit(request: EditJob dict) -> EditResult dict
 GENERATE = "workers.generate_jobs.generate"  # generate(request: GenerateJob dict) -> None (result via result_key)
+MEASURE = "workers.measure_jobs.measure_edit"  # ({"version", "edit_job_id"}) -> {"version", "metrics"}
 EXPORT = "workers.export_jobs.export_version"  # ({"version", "format"}) -> {"status", "record" | "error"}
 
 SERIALIZER = "rq.serializers.JSONSerializer"

@@ -60,17 +60,35 @@ def _from_store(store, job_id: str) -> dict | None:
     if manifest is None:
         return None
     return {"job_id": job_id, "status": "succeeded", "branch": manifest["branch"], "version": manifest["id"],
-            "parent": manifest["parent"], "metrics": manifest["metrics"]}
+            "parent": manifest["parent"], "metrics": manifest["metrics"],
+            **({"metrics_pending": True} if _pending(store, manifest) else {})}
+
+
+def _pending(store, manifest: dict) -> bool:
+    return bool(manifest.get("metrics_deferred")) and store.measured(manifest["id"]) is None
+
+
+def _with_measured(store, state: dict) -> dict:
+    """A succeeded edit whose metrics were measured after its commit: show them (editing/store.py)."""
+    if state.get("metrics_pending") and state.get("version"):
+        record = store.measured(state["version"])
+        if record is not None:
+            state = {k: v for k, v in state.items() if k != "metrics_pending"}
+            state["metrics"] = {**(state.get("metrics") or {}), **record["metrics"]}
+    return state
 
 
 @router.get("/{job_id}", response_model=EditState, response_model_exclude_none=True,
             responses={404: {"description": "unknown job"}}, summary="An edit's state")
 async def get_edit(job_id: JobId, services: ServicesDep, principal: ReadKey) -> dict:
-    """Queued (with its position), running (with progress), succeeded (version, metrics), failed (error)
-    or canceled. Once Redis has forgotten the job, a succeeded edit is still found in the store."""
+    """Queued (with its position), running (with progress), succeeded (version, metrics, timings), failed
+    (error) or canceled. A succeeded edit's version is live at once; its metrics follow (`metrics_pending`
+    until then). Once Redis has forgotten the job, a succeeded edit is still found in the store."""
     state = await run_in_threadpool(services.jobs.edit_state, job_id)
     if state is None:
         state = await run_in_threadpool(_from_store, services.store(), job_id)
+    elif state.get("metrics_pending"):
+        state = await run_in_threadpool(_with_measured, services.store(), state)
     if state is None:
         raise NotFound(f"no edit job {job_id}")
     return state

@@ -100,3 +100,8 @@ class EditState(BaseModel):
     position: int | None = Field(None, description="Jobs ahead of this one in the edits queue.")
     progress: Progress | None = None
     cancel_requested: bool | None = None
+    metrics_pending: bool | None = Field(None, description="The version is live (generate from it); its metrics "
+                                         "are being measured after it: poll again to see them in `metrics`.")
+    timings: dict[str, float] | None = Field(None, description="Seconds per phase, acceptance to result: queue, "
+                                             "lookup, turn (earlier edits), checkout, training, commit, "
+                                             "checkout_after.")
