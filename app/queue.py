@@ -194,7 +194,7 @@ class JobClient:
                             raise InvalidRequest("this Idempotency-Key was used with a different request body")
                         return stored["response"] | {"replayed": True}
                     depth = pipe.llen(self.edits.key)
-                    if depth >= self.settings.max_queue_depth:
+                    if depth >= self.settings.max_edit_queue_depth:
                         pipe.reset()
                         raise QueueFull(f"the edits queue is full ({depth} jobs waiting); retry later",
                                         {"Retry-After": str(self.settings.retry_after_s)})
@@ -235,7 +235,15 @@ class JobClient:
             return None
         status = job.get_status(refresh=False)
         out: dict[str, Any] = {"job_id": job_id, "branch": job.meta.get("branch"), "seq": job.meta.get("seq")}
-        if status in WAITING:
+        leader = self._leader(job_id) if status in WAITING else None
+        if leader is not None and self._committed_by(leader, job_id):
+            return None  # its coalesced edit committed it: the store answers (this job only reports it)
+        if leader is not None and leader.get_status(refresh=False) == JobStatus.STARTED:
+            # a coalesced edit took it along and is training it (workers/coalesce.py)
+            out.update(status="running", progress=leader.meta.get("progress"), batch_leader=leader.id)
+            if self.redis.exists(protocol.cancel_key(job_id)):
+                out["cancel_requested"] = True
+        elif status in WAITING:
             out["status"] = "queued"
             position = self.edits.get_job_position(job_id)
             out["position"] = position if position is not None else None
@@ -258,8 +266,22 @@ class JobClient:
             out["status"] = "canceled"
         return out
 
+    def _leader(self, job_id: str) -> Job | None:
+        """The edit that claimed this one for its coalesced group (workers/coalesce.py), if any."""
+        leader_id = self.redis.get(protocol.claim_key(job_id))
+        return self.fetch(leader_id.decode()) if leader_id is not None else None
+
+    @staticmethod
+    def _committed_by(leader: Job, job_id: str) -> bool:
+        """Whether the coalesced edit `leader` finished with this job in its version."""
+        if leader.get_status(refresh=False) != JobStatus.FINISHED:
+            return False
+        made = leader.return_value()
+        return isinstance(made, dict) and job_id in (made.get("batch") or ())
+
     def cancel_edit(self, job_id: str) -> dict | None:
-        """Cancel a queued or running edit (a running one stops at its next step)."""
+        """Cancel a queued or running edit (a running one stops at its next step; so does a queued one that
+        a running coalesced edit took along: that one then trains again without it)."""
         job = self.fetch(job_id)
         if job is None or job.meta.get("kind") != "edit":
             return None
@@ -267,8 +289,11 @@ class JobClient:
         if status not in WAITING and status != JobStatus.STARTED:
             state = self.edit_state(job_id) or {}
             raise Conflict(f"edit {job_id} is already {state.get('status', status.value)}")
+        leader = self._leader(job_id) if status in WAITING else None
+        if leader is not None and self._committed_by(leader, job_id):
+            raise Conflict(f"edit {job_id} is already succeeded (in the version of coalesced edit {leader.id})")
         self.redis.set(protocol.cancel_key(job_id), 1, ex=self.settings.result_ttl_s)
-        if status in WAITING:
+        if status in WAITING and (leader is None or leader.get_status(refresh=False) != JobStatus.STARTED):
             try:
                 job.cancel()
             except InvalidJobOperation:

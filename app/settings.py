@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     max_facts: int = 32  # facts per edit request (413 beyond)
     max_new_tokens: int = 512  # per generation (422 beyond)
     max_batch_prompts: int = 16  # prompts per completion request (413 beyond)
-    max_queue_depth: int = 64  # jobs waiting per queue; beyond: 429 + Retry-After
+    max_queue_depth: int = 64  # generations waiting; beyond: 429 + Retry-After
+    max_edit_queue_depth: int = 1024  # edits waiting (a pipeline's burst; coalesced when applied)
     max_body_bytes: int = 1_000_000  # request bodies (413 beyond)
     retry_after_s: int = 5  # Retry-After of a 429
 
@@ -57,6 +58,10 @@ class Settings(BaseSettings):
     maintenance_interval_s: int = 15  # how often workers look for abandoned jobs
     generate_batch_max: int = 16  # generation requests of one version a worker decodes as one batch
     generate_batch_wait_ms: float = 15.0  # how long a worker waits for more of them to join a batch
+    # queued edits of one branch a worker applies together as one version (workers/coalesce.py): at most
+    # this many facts (fine-tuning methods; ft-m batches work up to about 8), 1: never
+    edit_coalesce_max_facts: int = 8
+    edit_coalesce_max_facts_locate: int = 32  # the same for memit / alphaedit (closed form: many at once)
 
 
 @lru_cache

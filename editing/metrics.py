@@ -84,29 +84,38 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def measure(lm: LoadedModel, facts: list[Fact], before: Snapshot, fluency_tokens: int = 0) -> dict:
-    """Metrics of the model as it stands now (after the edit), averaged over facts."""
-    per_fact: dict[str, list[float]] = {k: [] for k in METRICS}
+def measure(lm: LoadedModel, facts: list[Fact], before: Snapshot, fluency_tokens: int = 0,
+            jobs: list[tuple[str, int, int]] | None = None) -> dict:
+    """Metrics of the model as it stands now (after the edit), averaged over facts. `jobs`: a coalesced
+    edit's (job id, start, stop) fact ranges; each job's own averages then go in out["jobs"][job id]."""
+    per_fact: dict[str, dict[int, float]] = {k: {} for k in METRICS}  # metric -> fact index -> value
     rel = accuracy(lm, [(f.prompt, f.target_new) for f in facts])
     for i, f in enumerate(facts):
-        per_fact["reliability"].append(rel[i])
+        per_fact["reliability"][i] = rel[i]
         if f.rephrase_prompts:
-            per_fact["generalization"].append(_mean(accuracy(lm, [(p, f.target_new) for p in f.rephrase_prompts])))
+            per_fact["generalization"][i] = _mean(accuracy(lm, [(p, f.target_new) for p in f.rephrase_prompts]))
         if before.probes[i]:
             now = predictions(lm, [(p.prompt, p.answer) for p in before.probes[i]])
             agree = [sum(a == b for a, b in zip(pre, post)) / len(pre)
                      for pre, (post, _) in zip(before.predicted[i], now)]
-            per_fact["locality"].append(_mean(agree))
+            per_fact["locality"][i] = _mean(agree)
             # Position 0 of each probe's answer is the next token after its prompt: no extra forward.
             new_first = [encode_pair(lm.tokenizer, p.prompt, f.target_new)[1][0] for p in before.probes[i]]
             flips = [pre[0] != t and post[0] == t for pre, (post, _), t in zip(before.predicted[i], now, new_first)]
-            per_fact["neighbour_flips"].append(_mean([float(x) for x in flips]))
+            per_fact["neighbour_flips"][i] = _mean([float(x) for x in flips])
         if f.portability:
-            per_fact["portability"].append(_mean(accuracy(lm, [(p.prompt, p.answer) for p in f.portability])))
+            per_fact["portability"][i] = _mean(accuracy(lm, [(p.prompt, p.answer) for p in f.portability]))
     if fluency_tokens > 0:
         texts = generate(lm, [f.prompt for f in facts], max_new_tokens=fluency_tokens)
-        per_fact["fluency"] = [ngram_entropy(f.prompt + " " + t) for f, t in zip(facts, texts)]
-    return {k: _mean(v) for k, v in per_fact.items()}
+        per_fact["fluency"] = {i: ngram_entropy(f.prompt + " " + t) for i, (f, t) in enumerate(zip(facts, texts))}
+
+    def averaged(start: int, stop: int) -> dict:
+        return {k: _mean([x for i, x in v.items() if start <= i < stop]) for k, v in per_fact.items()}
+
+    out = averaged(0, len(facts))
+    if jobs:
+        out["jobs"] = {job_id: averaged(start, stop) for job_id, start, stop in jobs}
+    return out
 
 
 def retention(lm: LoadedModel, facts: list[Fact]) -> float:

@@ -54,6 +54,17 @@ def phase(timings: dict[str, float] | None, name: str) -> Iterator[None]:
             timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 4)
 
 
+def _ranges(jobs: list[tuple[str, int]] | None) -> list[tuple[str, int, int]] | None:
+    """(job id, number of facts) in order -> (job id, start, stop) fact ranges."""
+    if not jobs:
+        return None
+    out, start = [], 0
+    for job_id, n in jobs:
+        out.append((job_id, start, start + n))
+        start += n
+    return out
+
+
 class EditSession:
     def __init__(self, lm: LoadedModel, store: str | VersionStore | None, create: bool = True,
                  cache_bytes: int = 256 * 2**20, keyframe_every: int = DEFAULT_KEYFRAME_EVERY):
@@ -98,9 +109,12 @@ class EditSession:
         is_canceled: Callable[[], bool] | None = None,
         defer_metrics: bool = False,
         timings: dict[str, float] | None = None,
+        jobs: list[tuple[str, int]] | None = None,
     ) -> EditOutcome:
         """Train `facts` into a new version on `branch` (see the module's docstring). With
-        `defer_metrics`, the outcome's metrics are the training stats alone; call `measure` later."""
+        `defer_metrics`, the outcome's metrics are the training stats alone; call `measure` later.
+        `jobs`: a coalesced edit (workers/coalesce.py): (job id, number of facts) of each job whose facts
+        `facts` concatenates, in acceptance order; one version for all, metrics per job as well."""
         lm = self.lm
         parent = None
         defer = defer_metrics and self.store is not None
@@ -127,12 +141,13 @@ class EditSession:
         measured = {}
         if not defer:
             with phase(timings, "metrics"), self.resident.preview(result.delta):
-                measured = metrics.measure(lm, facts, before, fluency_tokens)
+                measured = metrics.measure(lm, facts, before, fluency_tokens, _ranges(jobs))
         with phase(timings, "commit"):
             manifest = self.store.commit(
                 branch, result.delta, parent=parent, facts=[f.to_dict() for f in facts], method=method,
                 objective=objective, hparams=result.hparams.model_dump(), metrics={**measured, **stats},
                 job_id=job_id, key_id=key_id, base_fingerprint=lm.fingerprint, metrics_deferred=defer,
+                jobs=jobs,
             )
         with phase(timings, "checkout_after"):
             self.resident.checkout(manifest["id"])
@@ -152,7 +167,8 @@ class EditSession:
         self.resident.checkout(manifest["parent"])
         before = metrics.snapshot(self.lm, facts)
         self.resident.checkout(manifest["id"])
-        measured = metrics.measure(self.lm, facts, before, fluency_tokens)
+        ranges = [(j["job_id"], *j["facts"]) for j in manifest.get("jobs") or ()] or None  # a coalesced edit
+        measured = metrics.measure(self.lm, facts, before, fluency_tokens, ranges)
         record = self.store.write_metrics(manifest["id"], measured)
         return {**manifest["metrics"], **record["metrics"]}
 

@@ -82,7 +82,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BaseMismatchError", "ConflictError", "CorruptObjectError", "FsspecBackend", "LocalBackend",
-    "NotFoundError", "StoreError", "VersionStore", "default_store_url", "validate_name",
+    "NotFoundError", "StoreError", "VersionStore", "default_store_url", "job_metrics", "validate_name",
 ]
 
 FORMAT_VERSION = 1
@@ -173,6 +173,30 @@ def _metrics_path(vid: str) -> str:
 def _keyframe_path(vid: str) -> str:
     return f"keyframes/{vid}.json"
 
+
+
+def _made_by(manifest: dict, job_id: str) -> bool:
+    return manifest.get("job_id") == job_id or job_id in (manifest.get("job_ids") or ())
+
+
+def _job_group(jobs: list[tuple[str, int]], n_facts: int) -> list[dict]:
+    """A coalesced edit's jobs as its manifest records them: job id and fact range [start, stop)."""
+    out, start = [], 0
+    for job_id, n in jobs:
+        out.append({"job_id": str(job_id), "facts": [start, start + int(n)]})
+        start += int(n)
+    if not out or start != n_facts or len({g["job_id"] for g in out}) != len(out):
+        raise ValueError(f"a coalesced edit's jobs must split its {n_facts} facts among distinct job ids")
+    return out
+
+
+def job_metrics(metrics: dict, job_id: str) -> dict:
+    """One job's metrics from a version's: the version's own, or for a coalesced edit its shared training
+    stats with that job's facts' metrics (`metrics["jobs"][job_id]`) in place of the group's."""
+    own = (metrics.get("jobs") or {}).get(job_id)
+    if not isinstance(own, dict):
+        return metrics
+    return {k: v for k, v in metrics.items() if k != "jobs"} | own
 
 
 # --- the store -------------------------------------------------------------------------------
@@ -496,6 +520,7 @@ class VersionStore:
         base_fingerprint: str | None = None,
         rebase: dict | None = None,
         metrics_deferred: bool = False,
+        jobs: list[tuple[str, int]] | None = None,
     ) -> dict:
         """Record `delta` (made on top of version `parent`) as a new version on `branch`.
 
@@ -506,6 +531,10 @@ class VersionStore:
         the branch's ancestry, that version's manifest is returned and nothing is written.
         `base_fingerprint` (default: the one the store was opened with) must be the store's.
         `metrics_deferred`: the version's metrics are measured after it is live (`write_metrics`).
+        `jobs`: a coalesced edit, one version for several jobs: (job id, number of facts) in acceptance
+        order, each job's facts the next ones of `facts`. The manifest then lists `job_ids` and `jobs`
+        (each job's fact range [start, stop)); `job_id` is the first; per-job metrics go in
+        `metrics["jobs"][job_id]` (`job_metrics`).
         """
         if base_fingerprint is not None and base_fingerprint != self.base_fingerprint:
             raise BaseMismatchError(
@@ -513,8 +542,12 @@ class VersionStore:
                 f"{self.base_fingerprint[:16]}…"
             )
         head = self.head(branch)
-        if job_id is not None and (done := self.find_job(head, job_id)) is not None:
-            return done
+        group = _job_group(jobs, len(facts)) if jobs else None
+        if group is not None:
+            job_id = group[0]["job_id"]
+        for jid in [g["job_id"] for g in group] if group else [job_id] if job_id is not None else []:
+            if (done := self.find_job(head, jid)) is not None:
+                return done
         if head != parent:
             raise ConflictError(f"branch {branch!r} moved: it is at {head}, not at the parent {parent}")
 
@@ -537,6 +570,8 @@ class VersionStore:
             manifest.update(rebase=True, ledger=_plain(dict(rebase)))
         if metrics_deferred:  # likewise
             manifest["metrics_deferred"] = True
+        if group is not None:  # likewise: a single job's manifest keeps its form
+            manifest.update(job_ids=[g["job_id"] for g in group], jobs=group)
         manifest["id"] = _version_id(manifest)
         self.backend.write(
             f"versions/{manifest['id']}.json", json.dumps(manifest, indent=1, sort_keys=True).encode()
@@ -553,7 +588,8 @@ class VersionStore:
 
     def find_job(self, head: str | None, job_id: str) -> dict | None:
         """The manifest of the version that job `job_id` made, or None: the one answer to "which version
-        did job X make?" (a retried job makes nothing new, so there is at most one).
+        did job X make?" (a retried job makes nothing new, so there is at most one). The version of a
+        coalesced edit is found for every job in its `job_ids`; `job_metrics` gives one job's share.
 
         With `head`: only that version's ancestry, newest first (what a job checks before it commits).
         With None: every branch's ancestry, then the versions on no branch (rolled back past). Manifests
@@ -564,12 +600,12 @@ class VersionStore:
                 if vid in seen:  # and so is everything before it
                     break
                 seen.add(vid)
-                if self._manifest(vid).get("job_id") == job_id:
+                if _made_by(self._manifest(vid), job_id):
                     return self._view(vid)
         if head is None:
             for path in self.backend.list("versions"):
                 vid = path.rsplit("/", 1)[-1].removesuffix(".json")
-                if VERSION_ID.match(vid) and vid not in seen and self._manifest(vid).get("job_id") == job_id:
+                if VERSION_ID.match(vid) and vid not in seen and _made_by(self._manifest(vid), job_id):
                     return self._view(vid)
         return None
 

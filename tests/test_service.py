@@ -22,7 +22,7 @@ FACT = {"prompt": PROMPT, "target_new": "Rome", "subject": "Eiffel Tower",
         "rephrase_prompts": ["Where is the Eiffel Tower? It is in"],
         "locality_prompts": [{"prompt": "Berlin is the capital of", "answer": ""}]}
 LIMITS = {"LMEDIT_MAX_FACTS": "40", "LMEDIT_MAX_PROMPT_CHARS": "300", "LMEDIT_MAX_NEW_TOKENS": "64",
-          "LMEDIT_MAX_QUEUE_DEPTH": "4"}
+          "LMEDIT_MAX_QUEUE_DEPTH": "4", "LMEDIT_MAX_EDIT_QUEUE_DEPTH": "4"}
 
 
 @pytest.fixture(scope="module")

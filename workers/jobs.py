@@ -20,9 +20,9 @@ from rq.serializers import JSONSerializer
 from editing.facts import Fact
 from editing.hparams import DEFAULT_OBJECTIVE, choose_method
 from editing.session import phase
-from editing.store import ConflictError, NotFoundError, StoreError
+from editing.store import ConflictError, NotFoundError, StoreError, job_metrics
 from editing.train import EditCanceled, EditError, StepInfo
-from workers import protocol
+from workers import coalesce, protocol
 from workers.engine import get_engine
 from workers.measure_jobs import enqueue_measure
 
@@ -32,6 +32,7 @@ DONE = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOP
 WAITING = (JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED)
 STEP_ASIDE = Retry(max=10_000)  # back of the queue, behind the edit this one must follow
 CONFLICT_RETRIES = 3  # the branch moved during the edit (a rollback): redo it on the new head
+GROUP_TRIES = 3  # a coalesced edit formed again after a member's cancellation; the last try is alone
 PROGRESS_EVERY_S = 0.25
 WAIT_FOR_TURN_S = 15.0  # then step aside, so that a waiting worker also serves other jobs
 
@@ -65,6 +66,8 @@ def _wait_for_turn(conn, job: Job, branch: str, wait_s: float, cleanup_every_s: 
         head = conn.lindex(pending, 0)
         if head is None or head.decode() == job.id:
             return True
+        if conn.exists(protocol.claim_key(job.id)) and conn.lpos(pending, job.id) is None:
+            return True  # a coalesced edit took it along and committed it (workers/coalesce.py): look it up
         head_id = head.decode()
         try:
             earlier = Job.fetch(head_id, connection=conn, serializer=JSONSerializer)
@@ -107,20 +110,26 @@ def apply_edit(request: dict) -> dict | Retry:
 
     try:
         with phase(timings, "lookup"):
-            done = store.find_job(store.head(branch), job.id)  # a retried job creates nothing new
+            # a retried job creates nothing new; nor does one a coalesced edit took along
+            done = coalesce.landed(conn, store, branch, job.id)
     except StoreError as e:  # the branch is gone, or the store unreadable
         return finish({"status": "failed", "error": f"{type(e).__name__}: {e}"})
     if done is not None:
-        pending = bool(done.get("metrics_deferred")) and store.measured(done["id"]) is None
-        if pending:  # the first attempt may have died before it queued the measurement
-            _measure_later(conn, done["id"], job.id)
-        return finish({"status": "succeeded", "version": done["id"], "parent": done["parent"],
-                       "metrics": done["metrics"], **({"metrics_pending": True} if pending else {})})
+        return finish(_found(conn, store, job.id, done))
     if _is_canceled(conn, job.id):
         return finish({"status": "canceled"})
     with phase(timings, "turn"):
         my_turn = _wait_for_turn(conn, job, branch, wait_s=WAIT_FOR_TURN_S,
                                  cleanup_every_s=settings.maintenance_interval_s)
+    if coalesce.leader_of(conn, job.id) is not None:  # a group took it along meanwhile, or failed to
+        try:
+            done = coalesce.landed(conn, store, branch, job.id)
+        except StoreError as e:
+            return finish({"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        if done is not None:
+            return finish(_found(conn, store, job.id, done))
+        if _is_canceled(conn, job.id):
+            return finish({"status": "canceled"})
     if not my_turn:
         if _is_canceled(conn, job.id):
             return finish({"status": "canceled"})
@@ -139,31 +148,76 @@ def apply_edit(request: dict) -> dict | Retry:
     if request.get("op") in ("consolidate", "revert"):
         return finish(_rebase(engine, job, request))
     try:
-        facts = [Fact.from_dict(f) for f in request["facts"]]
-        method, note = choose_method(request.get("method"), [f.subject for f in facts])
-        for attempt in range(CONFLICT_RETRIES):
-            try:
-                outcome = engine.session.edit(
-                    facts, method=method, objective=request.get("objective") or DEFAULT_OBJECTIVE,
-                    hparams=request.get("hparams") or None, branch=branch, job_id=job.id,
-                    key_id=request.get("key_id"), on_step=on_step, is_canceled=lambda: _is_canceled(conn, job.id),
-                    defer_metrics=True, timings=timings,
-                )
-                break
-            except ConflictError:
-                if attempt == CONFLICT_RETRIES - 1:
-                    raise
-                log.info("branch %s moved during edit %s: redoing it on the new head", branch, job.id)
+        method, note = choose_method(request.get("method"), [f.get("subject") for f in request["facts"]])
+        outcome, group = _edit_coalesced(engine, job, request, method, on_step, timings)
     except EditCanceled:
         return finish({"status": "canceled"})
     except (EditError, ConflictError, NotFoundError, StoreError, ValueError, KeyError) as e:
         log.warning("edit %s failed: %s", job.id, e)
         return finish({"status": "failed", "error": f"{type(e).__name__}: {e}"})
+    if group:
+        coalesce.release(conn, branch, group)  # the members' own runs only report the version
     _measure_later(conn, outcome.version, job.id)
+    made = outcome.manifest["metrics"] if outcome.manifest else outcome.metrics
     return finish({"status": "succeeded", "version": outcome.version, "parent": outcome.parent,
-                   "metrics": outcome.manifest["metrics"] if outcome.manifest else outcome.metrics,
+                   "metrics": job_metrics(made, job.id), **({"batch": group} if group else {}),
                    "metrics_pending": True, "steps": outcome.steps, "seconds": round(outcome.seconds, 4),
                    "method": method, "timings": timings, **({"note": note} if note else {})})
+
+
+def _found(conn, store, job_id: str, done: dict) -> dict:
+    """The result of an edit whose version exists already (a retry, or a coalesced edit took it along)."""
+    pending = bool(done.get("metrics_deferred")) and store.measured(done["id"]) is None
+    if pending and done.get("job_id") == job_id:  # the first attempt may have died before it queued it
+        _measure_later(conn, done["id"], job_id)
+    batch = done.get("job_ids")
+    return {"status": "succeeded", "version": done["id"], "parent": done["parent"],
+            "metrics": job_metrics(done["metrics"], job_id), **({"batch": batch} if batch else {}),
+            **({"metrics_pending": True} if pending else {})}
+
+
+def _edit_coalesced(engine, job: Job, request: dict, method: str, on_step, timings: dict):
+    """Apply this edit, with the queued edits behind it that fit (workers/coalesce.py) as one version.
+    Returns the outcome and the job ids of the group ([] when it ran alone). A member canceled while the
+    group trained is left out and the rest trained again; a group that fails is tried once more alone."""
+    conn, settings, branch = engine.redis, engine.settings, request["branch"]
+    alone = False
+    for attempt in range(GROUP_TRIES):
+        alone = alone or attempt == GROUP_TRIES - 1
+        members = [] if alone else coalesce.form_group(conn, job.id, request, settings)
+        ids = [job.id] + [m.job_id for m in members]
+        facts = [Fact.from_dict(f) for r in [request] + [m.request for m in members] for f in r["facts"]]
+        jobs = list(zip(ids, [len(request["facts"])] + [m.facts for m in members])) if members else None
+        cancel_keys = [protocol.cancel_key(j) for j in ids]
+        if members:
+            log.info("edit %s (%s#%s) takes %d queued edit(s) along: %d facts in one version", job.id, branch,
+                     request.get("seq"), len(members), len(facts))
+        try:
+            for retry in range(CONFLICT_RETRIES):
+                try:
+                    outcome = engine.session.edit(
+                        facts, method=method, objective=request.get("objective") or DEFAULT_OBJECTIVE,
+                        hparams=request.get("hparams") or None, branch=branch, job_id=job.id,
+                        key_id=request.get("key_id"), on_step=on_step,
+                        is_canceled=lambda keys=cancel_keys: bool(conn.exists(*keys)),
+                        defer_metrics=True, timings=timings, jobs=jobs,
+                    )
+                    return outcome, (ids if members else [])
+                except ConflictError:
+                    if retry == CONFLICT_RETRIES - 1:
+                        raise
+                    log.info("branch %s moved during edit %s: redoing it on the new head", branch, job.id)
+        except EditCanceled:
+            if not members or _is_canceled(conn, job.id):
+                raise
+            log.info("edit %s: %s canceled: the group is formed again without it", job.id,
+                     coalesce.any_canceled(conn, ids))
+        except (EditError, ValueError, KeyError) as e:
+            if not members:
+                raise
+            log.warning("coalesced edit %s failed (%s): applying it alone", job.id, e)
+            alone = True
+    raise AssertionError("unreachable: the last try runs alone")
 
 
 def _queued_for(job: Job) -> float:
@@ -203,4 +257,3 @@ def _rebase(engine, job, request: dict) -> dict:
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
     return {"status": "succeeded", "version": outcome.version, "parent": outcome.parent,
             "metrics": outcome.metrics, "seconds": round(outcome.seconds, 4), "ledger": outcome.manifest["ledger"]}
-

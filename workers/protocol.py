@@ -42,6 +42,14 @@ def cancel_key(job_id: str) -> str:
     return f"{PREFIX}:cancel:{job_id}"
 
 
+CLAIM_TTL_S = 7 * 86400
+
+
+def claim_key(job_id: str) -> str:
+    """The id of the edit whose coalesced group took this edit along (workers/coalesce.py)."""
+    return f"{PREFIX}:claim:{job_id}"
+
+
 def result_key(job_id: str) -> str:
     """List the worker pushes a generation's result onto (the API waits on it with BLPOP)."""
     return f"{PREFIX}:result:{job_id}"

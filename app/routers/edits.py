@@ -12,7 +12,7 @@ from app.deps import EditKey, ReadKey, ServicesDep, StoreDep
 from app.errors import InvalidRequest, NotFound, TooLarge
 from app.schemas.edits import EditAccepted, EditRequest, EditState
 from editing.hparams import choose_method, resolve_hparams
-from editing.store import validate_name
+from editing.store import job_metrics, validate_name
 
 router = APIRouter(prefix="/edits", tags=["edits"])
 JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,200}$", description="The id a 202 gave.")]  # as RQ allows
@@ -60,7 +60,8 @@ def _from_store(store, job_id: str) -> dict | None:
     if manifest is None:
         return None
     return {"job_id": job_id, "status": "succeeded", "branch": manifest["branch"], "version": manifest["id"],
-            "parent": manifest["parent"], "metrics": manifest["metrics"],
+            "parent": manifest["parent"], "metrics": job_metrics(manifest["metrics"], job_id),
+            **({"batch": manifest["job_ids"]} if manifest.get("job_ids") else {}),
             **({"metrics_pending": True} if _pending(store, manifest) else {})}
 
 
@@ -74,7 +75,7 @@ def _with_measured(store, state: dict) -> dict:
         record = store.measured(state["version"])
         if record is not None:
             state = {k: v for k, v in state.items() if k != "metrics_pending"}
-            state["metrics"] = {**(state.get("metrics") or {}), **record["metrics"]}
+            state["metrics"] = {**(state.get("metrics") or {}), **job_metrics(record["metrics"], state["job_id"])}
     return state
 
 

@@ -97,7 +97,7 @@ def _ensure_job(services, version: str, fmt: str) -> Job | None:
     if not jobs.live_workers(protocol.EDITS_QUEUE):
         raise Unavailable("no live worker serves the edits queue, where exports run (start one: lmedit worker)",
                           {"Retry-After": str(services.settings.retry_after_s)})
-    if jobs.depth(jobs.edits) >= services.settings.max_queue_depth:
+    if jobs.depth(jobs.edits) >= services.settings.max_edit_queue_depth:
         raise QueueFull("the edits queue is full; retry later", {"Retry-After": str(services.settings.retry_after_s)})
     return jobs.edits.enqueue_call(
         protocol.EXPORT, args=[{"version": version, "format": fmt}], job_id=job_id(version, fmt),

@@ -63,6 +63,9 @@ class EditRequest(BaseModel):
     objective: Objective = DEFAULT_OBJECTIVE
     hparams: dict[str, Any] | None = Field(None, description="Overrides of the method's hyperparameters "
                                            "(documented ranges; 422 outside them).")
+    coalesce: bool = Field(True, description="Whether a worker may apply this edit together with the queued "
+                           "edits next to it on the branch (same method, objective, hparams and key) as one "
+                           "version; false: always a version of its own.")
 
     @model_validator(mode="after")
     def _method_fits(self) -> EditRequest:
@@ -100,6 +103,9 @@ class EditState(BaseModel):
     position: int | None = Field(None, description="Jobs ahead of this one in the edits queue.")
     progress: Progress | None = None
     cancel_requested: bool | None = None
+    batch: list[str] | None = Field(None, description="A coalesced edit: the jobs whose facts made this version "
+                                    "together, in acceptance order (`metrics` are this job's facts' own).")
+    batch_leader: str | None = Field(None, description="Running: the job of the coalesced edit training this one.")
     metrics_pending: bool | None = Field(None, description="The version is live (generate from it); its metrics "
                                          "are being measured after it: poll again to see them in `metrics`.")
     timings: dict[str, float] | None = Field(None, description="Seconds per phase, acceptance to result: queue, "
