@@ -338,16 +338,39 @@ async function pollEdit(jobId) {
     $("edit-submit").disabled = false;
     state.job = null;
     if (s.status === "succeeded") {
-      editStatus(["succeeded: version ", el("code", { id: "edit-version", title: s.version }, short(s.version)), " ",
-        metricChips(s.metrics)], "succeeded");
+      showSucceeded(s);
       if (s.branch && s.branch !== state.branch) state.branch = s.branch;
       await refresh();
+      if (s.metrics_pending) setTimeout(() => pollMetrics(jobId), POLL_MS);
     } else {
       editStatus(s.status + (s.error ? ": " + s.error : ""), "failed");
     }
     return;
   }
   setTimeout(() => pollEdit(jobId), POLL_MS);
+}
+
+function showSucceeded(s) {
+  editStatus(["succeeded: version ", el("code", { id: "edit-version", title: s.version }, short(s.version)), " ",
+    metricChips(s.metrics), s.metrics_pending ? " measuring…" : ""], "succeeded");
+}
+
+// The version is live as soon as the edit succeeds; its metrics are measured after it.
+async function pollMetrics(jobId) {
+  if (state.job) return;  // another edit is being followed now
+  let s;
+  try {
+    s = await api("/edits/" + jobId);
+  } catch (err) {
+    return;
+  }
+  if (state.job) return;
+  showSucceeded(s);
+  if (s.metrics_pending) {
+    setTimeout(() => pollMetrics(jobId), POLL_MS);
+  } else {
+    await refresh();
+  }
 }
 
 // ---- rollback --------------------------------------------------------------------------------
