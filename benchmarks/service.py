@@ -14,6 +14,10 @@ and measures, in this order:
 - overhead: a 32-token greedy completion through GET /generate vs `editing.generate.complete`
   (the function the worker runs) on a model loaded here, interleaved request by request so that
   other load on the machine hits both alike;
+- batching, on the one worker: 32-token completions one at a time, then from 16 concurrent clients
+  (the worker decodes the requests waiting for one version as one batch): throughput ratio, and the
+  concurrent p99 latency against a lone request's (`--only-batching` measures this alone and updates
+  service.json);
 - generation under load: 1, 4 and 16 concurrent clients, all on the branch head or round-robin
   over 10 versions made by 10 edits (the cost of a worker switching versions), and the same
   switching done in-process for reference.
@@ -21,7 +25,7 @@ and measures, in this order:
 Every process has 1 torch thread (2 workers: the 2 cores). The store, Redis data and logs live
 in a temporary folder, removed at the end (kept, and named, if something fails).
 
-    python benchmarks/service.py [--full | --smoke] [--model smollm2|tiny|PATH] [--out DIR]
+    python benchmarks/service.py [--full | --smoke] [--model smollm2|tiny|PATH] [--out DIR] [--only-batching]
 """
 
 from __future__ import annotations
@@ -267,6 +271,37 @@ def generate_load(client, versions: list[str], clients: int, requests: int, toke
     return row
 
 
+def batch_sizes(log: str) -> dict[int, int]:
+    """How many batches of each size the worker's log records (a batch of one is not logged)."""
+    import re
+
+    counts: dict[int, int] = {}
+    for n in re.findall(r"generation batch of (\d+) requests", log):
+        counts[int(n)] = counts.get(int(n), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def batching(client, stack, lone_n: int, clients: int, rounds: int, tokens: int) -> dict:
+    """On one worker: `lone_n` completions one at a time, then `clients` concurrent clients issuing
+    `rounds` requests each; throughput ratio and latencies."""
+    log = stack.root / "worker-0.log"
+    generate_load(client, ["base"], 1, 2, tokens, "warm-up")
+    lone = generate_load(client, ["base"], 1, lone_n, tokens, "one at a time")
+    before = len(log.read_text())
+    many = generate_load(client, ["base"], clients, clients * rounds, tokens, "concurrent")
+    sizes = batch_sizes(log.read_text()[before:])
+    batched = sum(n * k for n, k in sizes.items())
+    result = {"workers": 1, "tokens": tokens, "lone": lone, "concurrent": many,
+              "throughput_ratio": round(many["requests_per_s"] / lone["requests_per_s"], 2),
+              "p99_vs_lone_p50": round(many["p99_s"] / lone["p50_s"], 2),
+              "p99_vs_lone_p99": round(many["p99_s"] / lone["p99_s"], 2),
+              "batch_sizes": sizes, "requests_in_batches": batched}
+    print(f"batching: {clients} clients give {result['throughput_ratio']:.2f}x the one-at-a-time rate "
+          f"({many['requests_per_s']:.2f} vs {lone['requests_per_s']:.2f} requests/s); p99 {many['p99_s']:.2f} s = "
+          f"{result['p99_vs_lone_p50']:.2f}x a lone request's p50; batches {sizes}", flush=True)
+    return result
+
+
 def inprocess_switching(lm, store: Path, versions: list[str], n: int, tokens: int) -> dict:
     """The worker's own path without the service: check out the next version, then complete."""
     from editing.generate import complete
@@ -291,11 +326,15 @@ def inprocess_switching(lm, store: Path, versions: list[str], n: int, tokens: in
 def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__)
     parser.add_argument("--model", default="smollm2", help="smollm2 (embedded), tiny (the tests' model) or a path")
+    parser.add_argument("--only-batching", action="store_true",
+                        help="measure batching alone and update its entry in an existing service.json")
     args = parser.parse_args(argv)
     sizes = {"api_starts": size(args, 5, 10), "overhead_n": size(args, 50, 200),
              "edits": size(args, 10, 40), "burst": size(args, 20, 100), "versions": size(args, 10, 10, smoke=3),
              "requests": size(args, 32, 128), "switching_n": size(args, 20, 50),
-             "clients": [1, 2] if args.smoke else [1, 4, 16], "tokens": size(args, TOKENS, TOKENS, smoke=8)}
+             "clients": [1, 2] if args.smoke else [1, 4, 16], "tokens": size(args, TOKENS, TOKENS, smoke=8),
+             "batching_lone": size(args, 8, 16), "batching_clients": size(args, 16, 16, smoke=4),
+             "batching_rounds": size(args, 4, 8, smoke=1)}
 
     import torch
 
@@ -314,16 +353,28 @@ def main(argv: list[str] | None = None) -> None:
     ok = False
     try:
         key, _ = KeyFile(root / "keys.json").create("edit", "benchmark")
-        starts = time_api_start(stack, sizes["api_starts"])
-        result["api_start"] = {"median_s": round(statistics.median(starts), 3), "all_s": [round(s, 3) for s in starts]}
-        print(f"api start: median {result['api_start']['median_s']:.2f} s of {starts}", flush=True)
+        if not args.only_batching:
+            starts = time_api_start(stack, sizes["api_starts"])
+            result["api_start"] = {"median_s": round(statistics.median(starts), 3),
+                                   "all_s": [round(s, 3) for s in starts]}
+            print(f"api start: median {result['api_start']['median_s']:.2f} s of {starts}", flush=True)
 
         stack.start_api()
         stack.start_worker()
-        lm = load_model(model, device="cpu")  # while the worker loads its own
+        lm = load_model(model, device="cpu") if not args.only_batching else None  # while the worker loads its own
         stack.wait_ready(workers=1, timeout=600)
         client = httpx.Client(base_url=stack.url, timeout=600, headers={"Authorization": f"Bearer {key}"},
                               limits=httpx.Limits(max_connections=32))
+        result["batching"] = batching(client, stack, sizes["batching_lone"], sizes["batching_clients"],
+                                      sizes["batching_rounds"], sizes["tokens"])
+        if args.only_batching:
+            previous = args.out / "service.json"
+            merged = json.loads(previous.read_text()) if previous.exists() else {}
+            write_json(previous, merged | {"batching": result["batching"] | {"run": result["run"],
+                                                                              "model": args.model}})
+            print(f"updated {previous}")
+            ok = True
+            return
 
         edits = [edit_throughput(client, facts, 1, ["main"], sizes["edits"], hparams)]
         result["burst"] = burst(client, facts, sizes["burst"], hparams)
@@ -414,6 +465,10 @@ def report(results: Path) -> str:
         lines.append(f"| {g['clients']} | {g['versions']} | {g['requests']} | {g['p50_s']:.3f} | {g['p99_s']:.3f} | "
                      f"{g['tokens_per_s']:.1f} | {g['requests_per_s']:.2f} | "
                      f"{'—' if g['versions'] == 1 or ratio is None else f'{ratio:.2f}×'} |")
+    lines += batching_report(r.get("batching"))
+    from benchmarks import memory
+
+    lines += memory.report(results)
     sw = r["inprocess_switching"]
     lines += ["", f"In-process, one thread, no service: {ip['tokens_per_s']:.1f} tokens/s on one version; checking out "
               f"the next of the {sw['versions']} versions before each completion: p50 {sw['p50_s']:.3f} s "
@@ -446,6 +501,26 @@ def report(results: Path) -> str:
               "each the parent of the next, on top of the version the branch started from; new versions counts "
               "every version the store gained during the burst.", ""]
     return "\n".join(lines)
+
+
+def batching_report(b: dict | None) -> list[str]:
+    if not b:
+        return []
+    lone, many = b["lone"], b["concurrent"]
+    sizes = ", ".join(f"{k} × {n}" for n, k in b["batch_sizes"].items()) or "none"
+    return ["", "### Batched generation on one worker", "",
+            f"{b['tokens']}-token greedy completions from one worker (1 torch thread): {lone['requests']} one at a "
+            f"time, then {many['clients']} concurrent clients issuing {many['requests']} in all. The worker decodes "
+            "the requests waiting for one version (and one sampling setting) as one batch: up to "
+            "`LMEDIT_GENERATE_BATCH_MAX` (16), gathered for `LMEDIT_GENERATE_BATCH_WAIT_MS` (15 ms).", "",
+            "| clients | requests | p50 s | p99 s | requests/s | tokens/s |", "|---|---|---|---|---|---|",
+            f"| 1 | {lone['requests']} | {lone['p50_s']:.3f} | {lone['p99_s']:.3f} | {lone['requests_per_s']:.3f} | "
+            f"{lone['tokens_per_s']:.1f} |",
+            f"| {many['clients']} | {many['requests']} | {many['p50_s']:.3f} | {many['p99_s']:.3f} | "
+            f"{many['requests_per_s']:.3f} | {many['tokens_per_s']:.1f} |", "",
+            f"Throughput: **{b['throughput_ratio']:.2f}×** the one-at-a-time rate; p99 latency "
+            f"**{b['p99_vs_lone_p50']:.2f}×** a lone request's p50 ({b['p99_vs_lone_p99']:.2f}× its p99). Batches "
+            f"the worker logged (size × count): {sizes}.", ""]
 
 
 def _plot(r: dict, path: Path) -> None:

@@ -1,9 +1,10 @@
 """The generate job: a worker decodes the generations that are waiting for the same version as one batch.
 
-RQ hands the worker one job. Before decoding, the worker looks at the generate queue for up to
-`generate_batch_wait_ms` and claims other jobs of the same group (same version id, same sampling
-temperature and top_p), up to `generate_batch_max` requests in all; everything else stays queued, for
-this worker's next turn or another worker, so versions are served group after group and never share a
+RQ hands the worker one job. Before decoding, the worker looks at the generate queue and claims other
+jobs of the same group (same version id, same sampling temperature and top_p), up to
+`generate_batch_max` requests in all, until none has arrived for `generate_batch_wait_ms` (8 such
+windows at most). Everything else stays queued, for this worker's next turn or another worker, so
+versions are served group after group and never share a
 batch. Claiming is LREM of the job id from RQ's queue list: atomic, so that two workers never serve
 one request. Each request keeps its own token limit, stop strings, seed (its own torch.Generator) and
 stream, and gets its result as soon as its own rows are finished.
@@ -35,6 +36,7 @@ log = logging.getLogger("lmedit.worker")
 GREEDY_BELOW = 1e-6  # temperatures this small decode greedily (see _temperature)
 SCAN = 64  # how far into the queue a worker looks for requests to join its batch
 POLL_S = 0.003  # how often it looks again during the wait window
+GATHER_MAX_WAITS = 8  # a window kept open by arriving requests closes after this many wait windows at most
 
 
 def _temperature(value) -> float:
@@ -63,12 +65,15 @@ def _prompts(engine, request: dict) -> tuple[list[str], bool]:
 
 
 def claim(conn, request: dict, limit: int, wait_s: float, exclude: set[str]) -> list[Job]:
-    """Up to `limit` waiting generate jobs of `request`'s group, taken off the queue within `wait_s`."""
+    """Up to `limit` waiting generate jobs of `request`'s group, taken off the queue until none has come
+    for `wait_s` (at most GATHER_MAX_WAITS times `wait_s` in all)."""
     key, queue_key = group_key(request), Queue(protocol.GENERATE_QUEUE, connection=conn).key
     claimed: list[Job] = []
     skip = set(exclude)  # ids already judged (another group, not a generation, gone)
-    deadline = time.monotonic() + wait_s
+    start = time.monotonic()
+    deadline = start + wait_s
     while len(claimed) < limit:
+        before = len(claimed)
         ids = [i.decode() for i in conn.lrange(queue_key, 0, SCAN - 1)]
         ids = [i for i in ids if i not in skip]
         for job_id, job in zip(ids, Job.fetch_many(ids, connection=conn, serializer=JSONSerializer) if ids else []):
@@ -83,6 +88,8 @@ def claim(conn, request: dict, limit: int, wait_s: float, exclude: set[str]) -> 
                 continue  # a malformed request: its own turn will answer it
             if same and conn.lrem(queue_key, 1, job_id):  # atomic: whoever removes it serves it
                 claimed.append(job)
+        if len(claimed) > before:  # requests are still coming (clients answered together come back together)
+            deadline = min(start + GATHER_MAX_WAITS * wait_s, time.monotonic() + wait_s)
         left = deadline - time.monotonic()
         if left <= 0 or len(claimed) >= limit:
             break
