@@ -8,7 +8,9 @@ normal CLI runs:
 - FAULT_KILL_IN_COMMIT=1: the worker SIGKILLs itself in its first commit, after the delta blob and the
   manifest are written and before the branch ref moves, as a crash there would;
 - FAULT_KILL_IN_REBASE=1: the same, in its first commit of a rebase version (consolidate or revert);
-  plain edits commit normally.
+  plain edits commit normally;
+- FAULT_KILL_IN_BATCH=1: the worker SIGKILLs itself in its first generation batch of more than one request,
+  after the batch is claimed and its first tokens are decoded (workers.generate_jobs.decode is wrapped).
 """
 
 from __future__ import annotations
@@ -66,6 +68,25 @@ def kill_in_rebase(store) -> None:
     log.warning("FAULT HOOK: this worker dies in its first rebase commit")
 
 
+def kill_in_batch() -> None:
+    import editing.generate as generate
+    import workers.generate_jobs as jobs
+
+    real_decode, real_push = jobs.decode, generate._Row.push
+
+    def push(row, token):
+        os.kill(os.getpid(), signal.SIGKILL)  # a first token decoded (and streamed, if asked): die here
+        return real_push(row, token)
+
+    def decode(lm, requests, *args, **kwargs):
+        if len(requests) > 1:
+            generate._Row.push = push
+        return real_decode(lm, requests, *args, **kwargs)
+
+    jobs.decode = decode
+    log.warning("FAULT HOOK: this worker dies in its first batch of several generations")
+
+
 def install(env: dict[str, str]) -> None:
     """Wrap Engine.__init__ so that every engine this process builds gets the hooks `env` asks for."""
     from workers.engine import Engine
@@ -80,6 +101,8 @@ def install(env: dict[str, str]) -> None:
             kill_in_commit(self.store)
         if env.get("FAULT_KILL_IN_REBASE"):
             kill_in_rebase(self.store)
+        if env.get("FAULT_KILL_IN_BATCH"):
+            kill_in_batch()
 
     Engine.__init__ = init
 

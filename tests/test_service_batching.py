@@ -92,3 +92,37 @@ def test_streamed_generations_in_one_batch_stream_their_own_text(stack):
     for prompt, text in zip(PROMPTS[:3], streamed):
         alone = oa.completions.create(model="base", prompt=prompt, max_tokens=8, temperature=0)
         assert text == alone.choices[0].text, prompt
+
+
+def test_a_batch_whose_worker_dies_is_answered_by_the_retry(tmp_path):
+    """The worker SIGKILLs itself while decoding a batch it claimed (tests/fault_worker.py): RQ retries the
+    batch's first job on another worker, and that retry serves every request the batch had claimed."""
+    from tests.service import Stack
+    from tests.tiny import save_tiny, tiny_llama
+
+    stack = Stack(tmp_path, str(save_tiny(tiny_llama(), tmp_path / "tiny-llama")), worker_module="tests.fault_worker")
+    try:
+        dying = stack.start_worker(env={"FAULT_KILL_IN_BATCH": "1"})
+        stack.start_api()
+        stack.wait_ready(workers=1)
+        client = httpx.Client(base_url=stack.url, timeout=120)
+        slow = client.post("/edits", json={"facts": slow_facts(), "hparams": SLOW_HPARAMS}).json()
+        poll_edit(client, slow["job_id"], until=("running",), stack=stack)
+        bodies = [{"prompt": p, "version": "base", "max_new_tokens": 6} for p in PROMPTS]
+
+        def post(body: dict) -> httpx.Response:
+            with httpx.Client(base_url=stack.url, timeout=120) as own:
+                return own.post("/generate", json=body)
+
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            futures = [pool.submit(post, b) for b in bodies]
+            assert dying.wait(60) == -9, stack.logs()  # died in the batch
+            assert "generation batch of" not in (stack.root / "worker-0.log").read_text()
+            stack.start_worker()  # a healthy one: finds the dead worker's batch and runs it again
+            answers = [f.result() for f in futures]
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+        for body, r in zip(bodies, answers):
+            assert r.json()["text"] == post(body).json()["text"], body
+        assert re.search(r"generation batch of \d+ requests", (stack.root / "worker-1.log").read_text())
+    finally:
+        stack.close()
