@@ -585,3 +585,43 @@ def test_s3_store(s3_options, monkeypatch):
     other.backend.write(f"objects/{sha[:2]}/{sha}", bytes(blob))
     with pytest.raises(CorruptObjectError, match=sha):
         other.load_delta(v1["id"])
+
+
+KEYFRAME_CRASH = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from editing.store import LocalBackend, VersionStore
+
+    store_dir, point, name = sys.argv[1:4]
+    write, write_tmp = LocalBackend.write, LocalBackend._write_tmp
+
+    def killing_write(self, rel, data):
+        write(self, rel, data)
+        if point == "after-blob" and rel.startswith("objects/"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def killing_write_tmp(self, path, data):
+        if point == "mid-blob" and "objects" in path.parts:
+            write_tmp(self, path, data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write_tmp(self, path, data)
+
+    LocalBackend.write, LocalBackend._write_tmp = killing_write, killing_write_tmp
+    st = VersionStore.open(store_dir)
+    st.write_keyframe(st.head("main"), {name: torch.full((32, 64), 0.5)}, position=1)
+    print("not killed")
+""")
+
+
+@pytest.mark.parametrize("point", ["mid-blob", "after-blob"])
+def test_a_keyframe_write_killed_midway_leaves_no_keyframe_and_a_sound_store(tmp_path: Path, st: VersionStore,
+                                                                               point: str):
+    vid = commit(st, seed=1)["id"]
+    r = subprocess.run([sys.executable, "-c", KEYFRAME_CRASH, str(tmp_path / "store"), point, DOWN], cwd=ROOT,
+                       env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    fresh = VersionStore.open(tmp_path / "store")
+    assert fresh.keyframes() == [] and fresh.load_keyframe(vid) is None  # no record: never half a keyframe
+    assert fresh.fsck().ok  # at worst a temporary file or an orphan blob, which gc removes
+    fresh.write_keyframe(vid, {DOWN: torch.full((32, 64), 0.5)}, position=1)  # the next checkout writes it
+    assert torch.equal(VersionStore.open(tmp_path / "store").load_keyframe(vid)[DOWN], torch.full((32, 64), 0.5))
