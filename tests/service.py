@@ -24,6 +24,11 @@ TINY_HPARAMS = {"layers": [0], "positions": "all", "lr": 0.05, "steps": 40, "sto
 SLOW_HPARAMS = {"layers": [0], "positions": "all", "lr": 0.001, "steps": 500, "stop": "none"}
 
 
+def job_ids(manifest: dict) -> list[str]:
+    """The jobs a version made: one, or every job of a coalesced edit in acceptance order (workers/coalesce.py)."""
+    return manifest.get("job_ids") or ([manifest["job_id"]] if manifest.get("job_id") else [])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

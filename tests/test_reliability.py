@@ -21,7 +21,7 @@ import httpx
 import pytest
 import redis
 
-from tests.service import ROOT, SLOW_HPARAMS, poll_edit, slow_facts, tiny_stack, wait_for
+from tests.service import ROOT, SLOW_HPARAMS, job_ids, poll_edit, slow_facts, tiny_stack, wait_for
 from tests.test_service_auth import cli
 
 NAN_TARGET = "Divergence"  # the fault worker's hook trains edits to this target on a NaN loss
@@ -156,11 +156,12 @@ def test_30_concurrent_edits_from_10_clients_apply_in_seq_order(stack, client):
     states = [poll_edit(client, a["job_id"], timeout=120, stack=stack) for a in accepted]
     assert all(s["status"] == "succeeded" for s in states), [s for s in states if s["status"] != "succeeded"]
     history = client.get("/versions", params={"branch": "busy"}).json()[::-1]  # base first
-    assert len(history) == 31 and history[0]["id"] == client.get("/versions/base").json()["id"]
+    assert history[0]["id"] == client.get("/versions/base").json()["id"]
     for parent, child in zip(history, history[1:]):
         assert child["parent"] == parent["id"]
-    assert [m["job_id"] for m in history[1:]] == [a["job_id"] for a in accepted]  # seq order
-    assert [s["version"] for s in states] == [m["id"] for m in history[1:]]
+    # seq order, each job once (queued edits may be coalesced: one version for several, workers/coalesce.py)
+    assert [j for m in history[1:] for j in job_ids(m)] == [a["job_id"] for a in accepted]
+    assert [s["version"] for s in states] == [m["id"] for m in history[1:] for _ in job_ids(m)]
     facts = {(f["prompt"], f["target_new"]) for m in history for f in m["facts"]}
     assert {(a["fact"]["prompt"], a["fact"]["target_new"]) for a in accepted} <= facts
     print(f"30 concurrent edits: {time.monotonic() - started:.1f} s")
@@ -168,7 +169,7 @@ def test_30_concurrent_edits_from_10_clients_apply_in_seq_order(stack, client):
 
 def test_generations_while_edits_land_name_their_version(stack, client):
     history = client.get("/versions", params={"branch": "busy"}).json()
-    names = ["base", "main", "busy", history[5]["id"], history[17]["id"], history[29]["id"]]
+    names = ["base", "main", "busy", history[1]["id"], history[len(history) // 2]["id"], history[-2]["id"]]
     edits = [edit(client, [{"prompt": f"Landing edit {i} says", "target_new": f"Land{i}"}], branch=branch)
              for i, branch in enumerate(["main", "busy"] * 3)]
     assert all(r.status_code == 202 for r in edits), [r.text for r in edits]
@@ -280,7 +281,7 @@ def test_redis_down_gives_503_and_the_service_recovers_by_itself(stack, client):
     assert later.json()["seq"] > accepted[-1]["seq"]
     states = [poll_edit(client, a["job_id"], timeout=120, stack=stack) for a in [*accepted, later.json()]]
     assert all(s["status"] == "succeeded" for s in states), states
-    made = [m["job_id"] for m in client.get("/versions", params={"branch": "main"}).json()]
+    made = [j for m in client.get("/versions", params={"branch": "main"}).json() for j in job_ids(m)]
     for a in [*accepted, later.json()]:
         assert made.count(a["job_id"]) == 1
     # The API's first generations after the restart may still meet a pooled connection to the old server:

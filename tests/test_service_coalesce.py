@@ -15,7 +15,7 @@ import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from tests.service import SLOW_HPARAMS, TINY_HPARAMS, poll_edit, slow_facts, tiny_stack, wait_for
+from tests.service import SLOW_HPARAMS, TINY_HPARAMS, job_ids, poll_edit, slow_facts, tiny_stack, wait_for
 
 MAX_FACTS = 4  # facts per coalesced edit on this stack (LMEDIT_EDIT_COALESCE_MAX_FACTS)
 # a one-fact edit that takes a while, so that a group of them trains for seconds (to cancel or kill it)
@@ -44,10 +44,6 @@ def post(client, branch: str, facts: list[dict], hparams: dict = TINY_HPARAMS, *
 
 def fact(i: int, **extra) -> dict:
     return {"prompt": f"Coalesced fact {i} says", "target_new": f"Answer{i}", **extra}
-
-
-def job_ids(manifest: dict) -> list[str]:
-    return manifest.get("job_ids") or ([manifest["job_id"]] if manifest["job_id"] else [])
 
 
 def history(client, branch: str) -> list[dict]:
