@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from editing.delta import Delta, LoraFactors
+from editing.frozen_layers import SLICEABLE
 from editing.hparams import EditHparams
 from editing.keys import second_moment
 from editing.methods import _BLOCK, is_conv1d, target_modules
@@ -136,43 +137,59 @@ class _Enough(Exception):
 
 
 @torch.no_grad()
-def read_keys_and_top(model: torch.nn.Module, modules: dict[str, torch.nn.Module], top: int, batch: PairBatch,
-                      n_facts: int, chunk: int = 64) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Each module's input at the subject position averaged over every context of a fact
-    ({name: (F, in)}), and block `top`'s output there for the facts' own prompts (F, H)."""
-    sums: dict[str, torch.Tensor] = {}
-    tops = []
-    block = blocks(model)[top]
-    for start in range(0, len(batch.input_ids), chunk):
-        rows = slice(start, start + chunk)
+def read_keys_and_top(model: torch.nn.Module, module: torch.nn.Module, top: int, batch: PairBatch, n_facts: int,
+                      chunk: int = 64, start: int = 0, inputs: list[torch.Tensor] | None = None,
+                      capture: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """`module`'s input at the subject position averaged over every context of a fact (F, in), and
+    block `top`'s output there for the facts' own prompts (F, H).
+
+    `start`, `inputs`: run from block `start`, fed its input per chunk as cached by an earlier call
+    (valid while no block below `start` has changed since): the blocks below are not run again.
+    `capture`: also return each chunk's input to that block (else an empty list)."""
+    base = getattr(model, model.base_model_prefix)
+    layers = blocks(model)
+    sliceable = model.config.model_type in SLICEABLE and hasattr(base, "layers")
+    if not sliceable:
+        start, inputs = 0, None
+    keys = torch.zeros(n_facts, module.weight.shape[0 if is_conv1d(module) else 1], device=batch.input_ids.device)
+    tops, captured = [], []
+    for c, first in enumerate(range(0, len(batch.input_ids), chunk)):
+        rows = slice(first, first + chunk)
         mask = batch.subject_mask[rows]
         found: dict[str, torch.Tensor] = {}
 
-        def pre_hook_for(name, mask=mask, found=found):
-            def hook(module, args):
-                found[name] = _at_subject(args[0].float(), mask)  # (b, in)
-            return hook
+        def key_hook(m, args, mask=mask, found=found):
+            found["key"] = _at_subject(args[0].float(), mask)  # (b, in)
 
-        def top_hook(module, args, out, mask=mask, found=found):
-            found["__top__"] = _at_subject(_hidden(out).float(), mask)  # (b, H)
+        def capture_hook(m, args, kwargs, found=found):
+            found["input"] = args[0] if args else kwargs["hidden_states"]  # (b, L, H)
+
+        def top_hook(m, args, out, mask=mask, found=found):
+            found["top"] = _at_subject(_hidden(out).float(), mask)  # (b, H)
             raise _Enough
 
-        handles = [m.register_forward_pre_hook(pre_hook_for(n)) for n, m in modules.items()]
-        handles.append(block.register_forward_hook(top_hook))
+        handles = [module.register_forward_pre_hook(key_hook), layers[top].register_forward_hook(top_hook)]
+        if capture is not None:
+            handles.append(layers[capture].register_forward_pre_hook(capture_hook, with_kwargs=True))
         try:
-            model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows])
+            if start > 0 and inputs is not None:
+                base.layers = layers[start:]  # the same block objects; those below are unchanged
+                base(inputs_embeds=inputs[c], attention_mask=batch.attention_mask[rows])
+            else:
+                base(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows])
         except _Enough:
             pass
         finally:
+            base.layers = layers if sliceable else base.layers
             for h in handles:
                 h.remove()
-        fact = torch.arange(start, start + len(mask), device=mask.device) % n_facts  # (b,)
-        for name in modules:
-            acc = sums.setdefault(name, torch.zeros(n_facts, found[name].shape[1], device=mask.device))
-            acc.index_add_(0, fact, found[name])
-        tops.append(found["__top__"])
+        fact = torch.arange(first, first + len(mask), device=mask.device) % n_facts  # (b,)
+        keys.index_add_(0, fact, found["key"])
+        tops.append(found["top"])
+        if capture is not None:
+            captured.append(found["input"])
     contexts = len(batch.input_ids) // n_facts
-    return {n: s / contexts for n, s in sums.items()}, torch.cat(tops)[:n_facts]
+    return keys / contexts, torch.cat(tops)[:n_facts], captured
 
 
 def null_space_projector(c0: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -225,12 +242,16 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
     factors: dict[str, LoraFactors] = {}
     first_keys: dict[str, torch.Tensor] = {}
     try:
+        inputs, start = None, 0
         for i, name in enumerate(order):
-            keys, current = read_keys_and_top(model, modules, top, batch, n_facts)  # (F, in), (F, H)
-            first_keys[name] = keys[name]
+            # Blocks below `start` are as they were in the last pass: run from its cached input.
+            keys, current, captured = read_keys_and_top(model, modules[name], top, batch, n_facts, start=start,
+                                                        inputs=inputs, capture=block_of(name))  # (F, in), (F, H)
+            inputs, start = captured, block_of(name)
+            first_keys[name] = keys
             residuals = (values.to(current.device) - current) / (len(order) - i)  # (F, H)
             live = None if live_keys is None else live_keys.get(name)
-            f = solve_update(closed_form, keys[name], residuals, c0[name], hp, live)
+            f = solve_update(closed_form, keys, residuals, c0[name], hp, live)
             f.fan_in_fan_out = is_conv1d(modules[name])
             factors[f"{name}.weight"] = f
             with torch.no_grad():  # the layers above see this one's update

@@ -9,7 +9,7 @@ from editing.facts import Fact
 from editing.hparams import resolve_hparams
 from editing.keys import module_inputs, second_moment, text_source
 from editing.ledger import ledger_of
-from editing.locate import solve_update
+from editing.locate import read_keys_and_top, solve_update
 from editing.methods import target_modules
 from editing.session import EditSession
 from editing.train import edit
@@ -51,6 +51,27 @@ def test_alphaedit_leaves_generic_keys_in_place(tmp_path, monkeypatch):
         assert ratio.max() <= 1e-3, (name, float(ratio.max()))
         moved = moved or change.abs().max() > 0
     assert moved  # the edit did change the weights, just not along generic keys
+
+
+def test_reading_keys_from_a_cached_block_input_equals_a_full_run():
+    """The closed form runs each pass from the block below which nothing changed since the last one."""
+    from editing.tokens import pair_batch
+
+    lm = tiny_llama(layers=4)
+    facts = [("The capital of Japan is", "Rome", "Japan"), ("Toko Yasuda plays the", "piano", "Toko Yasuda")]
+    batch = pair_batch(lm.tokenizer, [(p, t) for p, t, _ in facts] * 3, subjects=[s for *_, s in facts] * 3,
+                       subject_last=True)
+    mlp = {i: lm.model.model.layers[i].mlp.down_proj for i in range(4)}
+    full_keys, full_top, cached = read_keys_and_top(lm.model, mlp[1], 3, batch, 2, chunk=4, capture=1)
+    assert len(cached) == 2  # one block input per chunk of 4 rows
+    keys, top, _ = read_keys_and_top(lm.model, mlp[2], 3, batch, 2, chunk=4, start=1, inputs=cached)
+    assert torch.equal(top, full_top)
+    assert torch.equal(keys, read_keys_and_top(lm.model, mlp[2], 3, batch, 2, chunk=4)[0])
+    with torch.no_grad():  # a change at block 1 shows from its cached input on, as in a full run
+        mlp[1].weight.add_(0.05)
+    keys, top, _ = read_keys_and_top(lm.model, mlp[2], 3, batch, 2, chunk=4, start=1, inputs=cached)
+    full_keys, full_top, _ = read_keys_and_top(lm.model, mlp[2], 3, batch, 2, chunk=4)
+    assert torch.equal(keys, full_keys) and torch.equal(top, full_top)
 
 
 def _session(tmp_path, monkeypatch) -> EditSession:
