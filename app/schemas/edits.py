@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from editing.hparams import DEFAULT_METHOD, DEFAULT_OBJECTIVE, METHODS, OBJECTIVES, choose_method
 
@@ -63,7 +63,7 @@ class EditRequest(BaseModel):
     objective: Objective = DEFAULT_OBJECTIVE
     hparams: dict[str, Any] | None = Field(None, description="Overrides of the method's hyperparameters "
                                            "(documented ranges; 422 outside them).")
-    coalesce: bool = Field(True, description="Whether a worker may apply this edit together with the queued "
+    coalesce: StrictBool = Field(True, description="Whether a worker may apply this edit together with the queued "
                            "edits next to it on the branch (same method, objective, hparams and key) as one "
                            "version; false: always a version of its own.")
 
