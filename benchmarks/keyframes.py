@@ -8,9 +8,10 @@ checkout of these versions). The store is written without fsync (setup only; che
 Cold checkout: a new `ResidentModel` (empty sum cache) moves a module at base to the version d
 deep; the blobs are in the OS page cache (just written). Per depth, K = 0 (no keyframes: every
 delta, today's behaviour), K = 20 (the default) and K = 50. A first cold checkout with K writes
-the keyframes it needs (timed once, `first_s`); the rows are medians of later cold checkouts,
-each bit-compared to `materialize` from the deltas alone. Depths: 10, and 1000 (a keyframe
-position: one keyframe read), 1010, and 1019 / 1049 (one keyframe + K-1 deltas: the worst case).
+the keyframes it needs (timed once); the rows are medians of later cold checkouts, every case
+interleaved with the others in each repeat, each bit-compared to `materialize` from the deltas
+alone. Depths: 10, and 1000 (a keyframe position: one keyframe read), 1010, and 1019 / 1049 (one
+keyframe + K-1 deltas: the worst case).
 
     python benchmarks/keyframes.py [--repeats 5] [--deep 1000] [--json out.json]   # --deep 100: a smoke run
 """
@@ -105,21 +106,21 @@ def main() -> None:
             ref.load_state_dict(base.state_dict())
             materialize(ref, st, chain[d - 1])
             references[d] = ref.weight.detach().clone()
+        first = {every: cold(st, base, chain[-1], every)[0] for every in (20, 50)}  # writes each K's keyframes
+        cases = [(every, d) for every in (0, 20, 50) for d in depths if every or d in (10, deep)]
+        times: dict[tuple[int, int], list[float]] = {c: [] for c in cases}
+        reads, same = {}, dict.fromkeys(cases, True)
+        for _ in range(args.repeats):  # interleaved, so that the machine's load hits every case alike
+            for every, d in cases:
+                seconds, weight, reads[every, d] = cold(st, base, chain[d - 1], every)
+                times[every, d].append(seconds)
+                same[every, d] &= torch.equal(weight.view(torch.int32), references[d].view(torch.int32))
         rows = []
-        for every in (0, 20, 50):
-            first = cold(st, base, chain[-1], every)[0] if every else None  # writes this K's keyframes
-            for d in depths:
-                if every == 0 and d not in (10, deep):
-                    continue
-                times, reads, same = [], None, True
-                for _ in range(args.repeats):
-                    seconds, weight, reads = cold(st, base, chain[d - 1], every)
-                    times.append(seconds)
-                    same &= torch.equal(weight.view(torch.int32), references[d].view(torch.int32))
-                rows.append({"keyframe_every": every, "depth": d, "cold_s": statistics.median(times),
-                             "reads": reads, "bit_identical_to_materialize": same,
-                             **({"first_s_writing_keyframes": first} if first is not None and d == depths[-1] else {})})
-                print(json.dumps(rows[-1]), flush=True)
+        for every, d in cases:
+            rows.append({"keyframe_every": every, "depth": d, "cold_s": statistics.median(times[every, d]),
+                         "all_s": [round(t, 4) for t in times[every, d]], "reads": reads[every, d],
+                         "bit_identical_to_materialize": same[every, d]})
+            print(json.dumps(rows[-1]), flush=True)
         keyframes = st.keyframes()
         kf_bytes = sum(st.keyframe(v)["bytes"] for v in keyframes)
         delta_bytes = sum(st.get(v)["delta"]["bytes"] for v in chain)
@@ -130,6 +131,7 @@ def main() -> None:
     result = {
         "what": "cold checkout, one-layer dense deltas of SmolLM2 size (576x1536 fp32), CPU, 1 thread",
         "rows": rows, "repeats": args.repeats,
+        "first_cold_checkout_writing_keyframes_s": {f"K={k}": round(v, 3) for k, v in first.items()},
         "deep": deep, "ratio_deep_over_10": {f"K={k}": round(at(k, deep) / at(k, 10), 3) for k in (0, 20, 50)},
         "ratio_worst_over_10": {f"K={k}": round(at(k, deep + k - 1) / at(k, 10), 3) for k in (20, 50)},
         "ratio_deep_plus_10_over_10": {f"K={k}": round(at(k, deep + 10) / at(k, 10), 3) for k in (20, 50)},

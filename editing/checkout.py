@@ -183,7 +183,7 @@ def _keyframe(store, chain, touched, at, params, cache, snapshot_every, every) -
     while pos > 0:
         try:
             sums = store.load_keyframe(chain[pos])
-        except CorruptObjectError:  # a cache, not the definition: sum the deltas instead (fsck reports it)
+        except (CorruptObjectError, ValueError):  # a cache, not the definition: sum the deltas (fsck reports it)
             log.warning("keyframe of version %s is damaged: summing its deltas", chain[pos], exc_info=True)
             sums = None
         if sums is not None:
