@@ -126,9 +126,12 @@ def time_api_start(stack, runs: int) -> list[float]:
 
 def post_edits(client: httpx.Client, facts, branches: list[str], n: int, hparams: dict | None) -> list[dict]:
     """POST n single-fact edits at once (16 connections), round-robin over branches. Each job:
-    its ids, when its POST left and when its 202 came back."""
+    its ids, when its POST left and when its 202 came back. Each edit is its own version
+    (`coalesce: false`): this section measures the queue and the workers per edit, and needs one version
+    per edit to generate from (benchmarks/coalesce.py measures coalesced edits)."""
     def post(i: int) -> dict:
-        body = {"facts": [next(facts)], "branch": branches[i % len(branches)], "hparams": hparams}
+        body = {"facts": [next(facts)], "branch": branches[i % len(branches)], "hparams": hparams,
+                "coalesce": False}
         sent = time.perf_counter()
         r = client.post("/edits", json=body)
         if r.status_code != 202:
