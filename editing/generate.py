@@ -7,7 +7,8 @@ batch. Greedy when the temperature is 0; otherwise each request samples from its
 `torch.Generator` (seeded by the request's seed), so that a request's output does not depend on what
 else shares its batch. `on_text` streams a single-prompt request's text as it is decoded.
 `on_done` hands a request its completions as soon as its own rows are finished, while the rest of the
-batch decodes on. `complete` is the one-request form.
+batch decodes on, and requests may join a running batch between two steps (`more`: continuous
+batching). `complete` is the one-request form.
 """
 
 from __future__ import annotations
@@ -140,88 +141,152 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     return g
 
 
-@torch.no_grad()
-def decode(lm: LoadedModel, requests: list[Request], temperature: float = 0.0,
-           top_p: float = 1.0) -> list[list[Completion]]:
-    """Continue every prompt of every request in one batch (left padding); greedy when temperature
-    is 0. Returns each request's completions, in order."""
-    tok, model, device = lm.tokenizer, lm.model, lm.device
-    for r in requests:
-        if r.on_text is not None and len(r.prompts) != 1:
-            raise ValueError("streaming serves one prompt at a time")
-        if r.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, not {r.max_new_tokens}")
-    sampling = temperature > 0
-    eos = _eos_ids(lm)
-    rows: list[_Row] = []
-    owner: list[int] = []
-    for i, r in enumerate(requests):
-        g = _generator(r.seed, device) if sampling else None
-        for prompt in r.prompts:
-            ids = tok(prompt, add_special_tokens=r.add_special_tokens).input_ids
-            if not ids:
-                raise ValueError("a prompt must have at least one token")
-            rows.append(_Row(tok, list(ids), r, g, eos))
-            owner.append(i)
-    out: list[list[Completion]] = [[] for _ in requests]
-    left = [len(r.prompts) for r in requests]
-
-    def finished(index: int) -> None:
-        i = owner[index]
-        left[i] -= 1
-        if left[i] == 0 and requests[i].on_done is not None:
-            requests[i].on_done([row.completion() for row, o in zip(rows, owner) if o == i])
-
-    if rows:
-        _run(model, rows, device, tok.pad_token_id if tok.pad_token_id is not None else min(eos, default=0),
-             temperature, top_p, finished)
-    for i, row in zip(owner, rows):
-        out[i].append(row.completion())
-    return out
+def _validate(r: Request) -> None:
+    if r.on_text is not None and len(r.prompts) != 1:
+        raise ValueError("streaming serves one prompt at a time")
+    if r.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, not {r.max_new_tokens}")
 
 
-def _run(model, rows: list[_Row], device: torch.device, pad: int, temperature: float, top_p: float,
-         finished: Callable[[int], None]) -> None:
-    width = max(len(r.prompt_ids) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-        mask[i, width - len(r.prompt_ids):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, active = out.cache, list(range(len(rows)))
-    while True:
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zeros in front along `dim`, up to `width` (a mask: 0 = no token; keys and values: masked out)."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class _Batch:
+    """The rows being decoded together: their KV cache, attention mask (left-padded), last positions and
+    next-token logits. Requests may join while it runs (`add`): their prompts are prefilled on their own
+    and their cache rows left-padded to the batch's length."""
+
+    def __init__(self, lm: LoadedModel, temperature: float, top_p: float):
+        self.lm, self.temperature, self.top_p = lm, temperature, top_p
+        self.eos = _eos_ids(lm)
+        tok = lm.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else min(self.eos, default=0)
+        self.requests: list[Request] = []
+        self.rows: list[_Row] = []
+        self.owner: list[int] = []  # row -> its request
+        self.left: list[int] = []  # request -> rows not finished yet
+        self.active: list[int] = []  # rows still decoding, in batch order
+        self.cache = self.mask = self.last = self.logits = None
+
+    def add(self, requests: list[Request]) -> None:
+        tok, device = self.lm.tokenizer, self.lm.device
+        for r in requests:
+            _validate(r)
+        new = []
+        for r in requests:
+            g = _generator(r.seed, device) if self.temperature > 0 else None
+            rows = []
+            for prompt in r.prompts:
+                ids = tok(prompt, add_special_tokens=r.add_special_tokens).input_ids
+                if not ids:
+                    raise ValueError("a prompt must have at least one token")
+                rows.append(_Row(tok, list(ids), r, g, self.eos))
+            self.owner += [len(self.requests)] * len(rows)
+            new += range(len(self.rows), len(self.rows) + len(rows))
+            self.rows += rows
+            self.requests.append(r)
+            self.left.append(len(rows))
+        if new:
+            self._prefill(new)
+
+    def _prefill(self, new: list[int]) -> None:
+        width = max(len(self.rows[i].prompt_ids) for i in new)
+        input_ids = torch.full((len(new), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for k, i in enumerate(new):
+            ids = self.rows[i].prompt_ids
+            input_ids[k, width - len(ids):] = torch.tensor(ids)
+            mask[k, width - len(ids):] = 1
+        input_ids, mask = input_ids.to(self.lm.device), mask.to(self.lm.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1)
         logits = out.logits[:, -1, :].float()
-        if temperature > 0:
-            chosen = []
-            for k, i in enumerate(active):
-                row_logits = logits[k] / temperature
-                if top_p < 1.0:
-                    row_logits = _top_p_filter(row_logits, top_p)
-                chosen.append(torch.multinomial(row_logits.softmax(-1), 1, generator=rows[i].generator))
-            tokens = torch.cat(chosen)
-        else:
-            tokens = logits.argmax(-1)
-        keep = []
-        for k, (i, t) in enumerate(zip(active, tokens.tolist())):
-            if rows[i].push(t):
-                finished(i)
-            else:
-                keep.append(k)
-        if not keep:
-            return
-        if len(keep) < len(active):  # finished rows leave the batch
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, positions, tokens = mask[index], positions[index], tokens[index]
-            active = [active[k] for k in keep]
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, cache=cache,
-                    use_cache=True)
-        cache = out.cache
+        if self.cache is None:
+            self.cache, self.mask, self.last, self.logits = out.cache, mask, positions[:, -1:], logits
+        else:  # join the running batch: pad both to one length, rows after the running ones
+            length = max(self.mask.shape[1], mask.shape[1])
+            for running, joining in zip(self.cache.layers, out.cache.layers):
+                running.keys = torch.cat([_left_pad(running.keys, length, -2), _left_pad(joining.keys, length, -2)])
+                running.values = torch.cat([_left_pad(running.values, length, -2),
+                                            _left_pad(joining.values, length, -2)])
+            self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(mask, length, 1)])
+            self.last = torch.cat([self.last, positions[:, -1:]])
+            self.logits = torch.cat([self.logits, logits])
+        self.active += new
+
+    def joinable(self) -> bool:
+        """Rows can join a running batch when every cache layer is a plain growing one (no sliding window)."""
+        from transformers.cache_utils import DynamicLayer
+
+        return self.cache is None or all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def _choose(self) -> torch.Tensor:
+        if self.temperature <= 0:
+            return self.logits.argmax(-1)
+        chosen = []
+        for k, i in enumerate(self.active):
+            row_logits = self.logits[k] / self.temperature
+            if self.top_p < 1.0:
+                row_logits = _top_p_filter(row_logits, self.top_p)
+            chosen.append(torch.multinomial(row_logits.softmax(-1), 1, generator=self.rows[i].generator))
+        return torch.cat(chosen)
+
+    def _finished(self, row: int) -> None:
+        i = self.owner[row]
+        self.left[i] -= 1
+        if self.left[i] == 0 and self.requests[i].on_done is not None:
+            self.requests[i].on_done(self.completions(i))
+
+    def completions(self, i: int) -> list[Completion]:
+        return [row.completion() for row, o in zip(self.rows, self.owner) if o == i]
+
+    def run(self, more: Callable[[], list[Request]] | None) -> None:
+        device = self.lm.device
+        while self.active:
+            tokens = self._choose()
+            keep = []
+            for k, (i, t) in enumerate(zip(self.active, tokens.tolist())):
+                if self.rows[i].push(t):
+                    self._finished(i)
+                else:
+                    keep.append(k)
+            if not keep:
+                return
+            if len(keep) < len(self.active):  # finished rows leave the batch
+                index = torch.tensor(keep, device=device)
+                self.cache.batch_select_indices(index)
+                self.mask, self.last, tokens = self.mask[index], self.last[index], tokens[index]
+                self.active = [self.active[k] for k in keep]
+            self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.active), 1))], dim=1)
+            self.last = self.last + 1
+            out = self.lm.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.last,
+                                cache=self.cache, use_cache=True)
+            self.cache, self.logits = out.cache, out.logits[:, -1, :].float()
+            if more is not None and self.joinable():
+                joining = more()
+                if joining:
+                    self.add(joining)
+
+
+@torch.no_grad()
+def decode(lm: LoadedModel, requests: list[Request], temperature: float = 0.0, top_p: float = 1.0,
+           more: Callable[[], list[Request]] | None = None) -> list[list[Completion]]:
+    """Continue every prompt of every request in one batch (left padding); greedy when temperature
+    is 0. `more`, asked between decoding steps, may hand further requests (of the same temperature and
+    top_p) that join the running batch (continuous batching). Returns every request's completions, in
+    the order they came (those of `requests` first)."""
+    batch = _Batch(lm, temperature, top_p)
+    batch.add(requests)
+    batch.run(more)
+    return [batch.completions(i) for i in range(len(batch.requests))]
 
 
 def complete(

@@ -10,7 +10,9 @@ normal CLI runs:
 - FAULT_KILL_IN_REBASE=1: the same, in its first commit of a rebase version (consolidate or revert);
   plain edits commit normally;
 - FAULT_KILL_IN_BATCH=1: the worker SIGKILLs itself in its first generation batch of more than one request,
-  after the batch is claimed and its first tokens are decoded (workers.generate_jobs.decode is wrapped).
+  after the batch is claimed and its first tokens are decoded (workers.generate_jobs.decode is wrapped);
+- FAULT_SLOW_STEP_S=<seconds>: every decoding step of a generation takes that much longer, as on a slow
+  machine, so that requests arrive while a batch decodes (editing.generate._Batch._choose is wrapped).
 """
 
 from __future__ import annotations
@@ -87,6 +89,21 @@ def kill_in_batch() -> None:
     log.warning("FAULT HOOK: this worker dies in its first batch of several generations")
 
 
+def slow_steps(seconds: float) -> None:
+    import time
+
+    import editing.generate as generate
+
+    real_choose = generate._Batch._choose
+
+    def choose(batch):  # once per decoding step: the next tokens of every row
+        time.sleep(seconds)
+        return real_choose(batch)
+
+    generate._Batch._choose = choose
+    log.warning("FAULT HOOK: every decoding step takes %.3f s longer", seconds)
+
+
 def install(env: dict[str, str]) -> None:
     """Wrap Engine.__init__ so that every engine this process builds gets the hooks `env` asks for."""
     from workers.engine import Engine
@@ -103,6 +120,8 @@ def install(env: dict[str, str]) -> None:
             kill_in_rebase(self.store)
         if env.get("FAULT_KILL_IN_BATCH"):
             kill_in_batch()
+        if env.get("FAULT_SLOW_STEP_S"):
+            slow_steps(float(env["FAULT_SLOW_STEP_S"]))
 
     Engine.__init__ = init
 

@@ -99,6 +99,27 @@ def test_streams_and_early_results_per_request_in_one_batch(lm):
     assert out[2] == [complete(lm, [PROMPTS[3]], 6)[0], complete(lm, [PROMPTS[5]], 6)[0]]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_requests_joining_a_running_batch_equal_each_request_alone(lm, temperature):
+    """Continuous batching: requests handed in between decoding steps (shorter and longer prompts than the
+    running rows) decode as they do alone, and so do the rows they join."""
+    requests = mixed_requests(lm, seeds=temperature > 0)
+    expected = alone(lm, requests, temperature, top_p=0.95)
+    arrivals = {1: [requests[2]], 2: [requests[4], requests[5]], 5: [requests[3]]}  # step -> joining requests
+    step, done = [0], {}
+    for i, r in enumerate(requests):
+        r.on_done = lambda c, i=i: done.__setitem__(i, c)
+
+    def more() -> list[Request]:
+        step[0] += 1
+        return arrivals.get(step[0], [])
+
+    out = decode(lm, requests[:2], temperature, top_p=0.95, more=more)
+    assert step[0] >= 5  # every arrival joined before the batch ran out
+    assert len(out) == 6 and sorted(done) == list(range(6))
+    assert [done[i] for i in range(6)] == expected
+
+
 def test_bad_requests_are_refused():
     lm = tiny_llama("metaspace")
     with pytest.raises(ValueError, match="one prompt at a time"):

@@ -4,12 +4,13 @@ that wait together are decoded together, one version per batch, and each gets wh
 from __future__ import annotations
 
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tests.service import SLOW_HPARAMS, TINY_HPARAMS, poll_edit, slow_facts, tiny_stack
+from tests.service import SLOW_HPARAMS, TINY_HPARAMS, poll_edit, slow_facts, tiny_stack, wait_for
 
 PROMPTS = ["The Eiffel Tower is in", "Berlin is the capital of", "Where is the Eiffel Tower? It stands in the city of",
            "Apple"]
@@ -124,5 +125,38 @@ def test_a_batch_whose_worker_dies_is_answered_by_the_retry(tmp_path):
         for body, r in zip(bodies, answers):
             assert r.json()["text"] == post(body).json()["text"], body
         assert re.search(r"generation batch of \d+ requests", (stack.root / "worker-1.log").read_text())
+    finally:
+        stack.close()
+
+
+def test_requests_arriving_while_a_batch_decodes_join_it(tmp_path):
+    """Continuous batching: with decoding slowed down (tests/fault_worker.py), requests sent one by one
+    while a long generation runs join its batch between steps; each answer equals the one alone."""
+    from tests.service import Stack
+    from tests.tiny import save_tiny, tiny_llama
+
+    stack = Stack(tmp_path, str(save_tiny(tiny_llama(), tmp_path / "tiny-llama")), worker_module="tests.fault_worker")
+    try:
+        stack.start_worker(env={"FAULT_SLOW_STEP_S": "0.05"})
+        stack.start_api()
+        stack.wait_ready(workers=1)
+        bodies = [{"prompt": p, "version": "base", "max_new_tokens": 40 - 8 * i} for i, p in enumerate(PROMPTS)]
+
+        def post(body: dict) -> dict:
+            with httpx.Client(base_url=stack.url, timeout=120) as own:
+                r = own.post("/generate", json=body)
+                assert r.status_code == 200, r.text
+                return r.json()
+
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            futures = []
+            for body in bodies:  # 40 steps of >= 50 ms for the first: the others arrive while it decodes
+                futures.append(pool.submit(post, body))
+                time.sleep(0.3)
+            answers = [f.result() for f in futures]
+        joined = rf"generation batch of {len(bodies)} requests"  # logged once the batch's last request is out
+        wait_for(lambda: re.search(joined, (stack.root / "worker-0.log").read_text()), 10, "the batch", stack)
+        for body, got in zip(bodies, answers):
+            assert got["text"] == post(body)["text"], body
     finally:
         stack.close()

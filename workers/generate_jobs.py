@@ -7,7 +7,9 @@ windows at most). Everything else stays queued, for this worker's next turn or a
 versions are served group after group and never share a
 batch. Claiming is LREM of the job id from RQ's queue list: atomic, so that two workers never serve
 one request. Each request keeps its own token limit, stop strings, seed (its own torch.Generator) and
-stream, and gets its result as soon as its own rows are finished.
+stream, and gets its result as soon as its own rows are finished. With `generate_batch_join` (the
+default), requests of the group that arrive while the batch decodes join it between two decoding steps
+(continuous batching), as long as it holds fewer than `generate_batch_max` unfinished requests.
 
 The claimed ids are written into the first job's meta before decoding: if this worker dies, RQ
 retries the first job (Retry), and the retry serves the claimed requests too.
@@ -64,12 +66,13 @@ def _prompts(engine, request: dict) -> tuple[list[str], bool]:
     return list(request["prompts"]), True
 
 
-def claim(conn, request: dict, limit: int, wait_s: float, exclude: set[str]) -> list[Job]:
+def claim(conn, request: dict, limit: int, wait_s: float, seen: set[str]) -> list[Job]:
     """Up to `limit` waiting generate jobs of `request`'s group, taken off the queue until none has come
-    for `wait_s` (at most GATHER_MAX_WAITS times `wait_s` in all)."""
+    for `wait_s` (at most GATHER_MAX_WAITS times `wait_s` in all; 0: one look). `seen`: job ids already
+    claimed or judged, not looked at again; this adds those it judges."""
     key, queue_key = group_key(request), Queue(protocol.GENERATE_QUEUE, connection=conn).key
     claimed: list[Job] = []
-    skip = set(exclude)  # ids already judged (another group, not a generation, gone)
+    skip = seen
     start = time.monotonic()
     deadline = start + wait_s
     while len(claimed) < limit:
@@ -154,26 +157,34 @@ def _mark(conn, jobs: list[Job], status: JobStatus, ttl: int | None = None) -> N
 
 def generate(request: dict) -> dict:
     """Complete request["prompts"] (or chat request["messages"]) from request["version"], in one batch with
-    the waiting requests of its group. Each result goes to result_key(job id) for the waiting request,
-    or to stream_key when streaming."""
+    the waiting requests of its group, and with those that arrive while it decodes (between two steps,
+    when `generate_batch_join`). Each result goes to result_key(job id) for the waiting request, or to
+    stream_key when streaming."""
     job = get_current_job()
     engine = get_engine()
     conn, settings = engine.redis, engine.settings
     started = time.perf_counter()
     limit = max(1, settings.generate_batch_max)
+    seen = {job.id}  # job ids claimed or judged (another group, not a generation, gone)
+    claimed: list[Job] = []
+    outcome: dict[str, dict] = {}  # job id -> result, once delivered
+
+    def take(jobs: list[Job]) -> list[_Pending]:
+        """Claimed jobs, recorded in the first job's meta (a retry serves them) and marked started."""
+        if jobs:
+            claimed.extend(jobs)
+            job.meta["batch"] = [j.id for j in claimed]
+            job.save_meta()
+            _mark(conn, jobs, JobStatus.STARTED)
+        return [_Pending(j.id, j.args[0], time.perf_counter()) for j in jobs]
 
     # a retry of a batch whose worker died serves the requests that batch had claimed
     earlier = [j for j in Job.fetch_many(job.meta.get("batch") or [], connection=conn, serializer=JSONSerializer)
                if j is not None and not _answered(conn, j.id)][:limit - 1]
-    others = earlier + claim(conn, request, limit - 1 - len(earlier), settings.generate_batch_wait_ms / 1000,
-                             exclude={job.id} | {j.id for j in earlier})
-    if others:
-        job.meta["batch"] = [j.id for j in others]
-        job.save_meta()
-        _mark(conn, others, JobStatus.STARTED)
-    batch = [_Pending(job.id, request, started)] + [_Pending(j.id, j.args[0], time.perf_counter()) for j in others]
+    seen.update(j.id for j in earlier)
+    batch = [_Pending(job.id, request, started)] + take(earlier + claim(
+        conn, request, limit - 1 - len(earlier), settings.generate_batch_wait_ms / 1000, seen))
 
-    outcome: dict[str, dict] = {}  # job id -> result, once delivered
     try:
         version = engine.session.checkout(request["version"])
     except Exception as e:  # noqa: BLE001 - every waiting request gets an answer, whatever happened
@@ -183,28 +194,40 @@ def generate(request: dict) -> dict:
         version = None
 
     if version is not None:
-        requests: list[tuple[_Pending, Request]] = []
-        for p in batch:
-            try:
-                prompts, special = _prompts(engine, p.request)
-                requests.append((p, Request(
-                    prompts, max_new_tokens=int(p.request.get("max_new_tokens", 32)),
-                    stop=list(p.request.get("stop") or []), seed=p.request.get("seed"),
-                    on_text=_streamer(conn, p.stream) if p.stream else None, add_special_tokens=special,
-                    on_done=_on_done(conn, p, version, outcome, len(batch)))))
-            except Exception as e:  # noqa: BLE001 - a bad request fails alone, not its batch
-                outcome[p.job_id] = {"error": _error(e, p.job_id)}
-                _deliver(conn, p, outcome[p.job_id])
+        def requests_for(pending: list[_Pending]) -> list[Request]:
+            out = []
+            for p in pending:
+                try:
+                    prompts, special = _prompts(engine, p.request)
+                    out.append(Request(
+                        prompts, max_new_tokens=int(p.request.get("max_new_tokens", 32)),
+                        stop=list(p.request.get("stop") or []), seed=p.request.get("seed"),
+                        on_text=_streamer(conn, p.stream) if p.stream else None, add_special_tokens=special,
+                        on_done=_on_done(conn, p, version, outcome)))
+                except Exception as e:  # noqa: BLE001 - a bad request fails alone, not its batch
+                    outcome[p.job_id] = {"error": _error(e, p.job_id)}
+                    _deliver(conn, p, outcome[p.job_id])
+            return out
+
+        def more() -> list[Request]:
+            free = limit - (len(batch) - len(outcome))  # requests of the batch still decoding
+            if free <= 0:
+                return []
+            joining = take(claim(conn, request, free, 0.0, seen))
+            batch.extend(joining)
+            return requests_for(joining)
+
         temperature, top_p = group_key(request)[1:]
         try:
-            decode(engine.lm, [r for _, r in requests], temperature=temperature, top_p=top_p)
+            decode(engine.lm, requests_for(batch), temperature=temperature, top_p=top_p,
+                   more=more if settings.generate_batch_join else None)
         except Exception as e:  # noqa: BLE001
-            for p, _ in requests:
+            for p in batch:
                 if p.job_id not in outcome:
                     outcome[p.job_id] = {"error": _error(e, p.job_id)}
                     _deliver(conn, p, outcome[p.job_id])
-    if others:
-        _mark(conn, others, JobStatus.FINISHED, ttl=protocol.RESULT_TTL_S)
+    if claimed:
+        _mark(conn, claimed, JobStatus.FINISHED, ttl=protocol.RESULT_TTL_S)
     if len(batch) > 1:
         log.info("generation batch of %d requests for %s in %.2f s", len(batch), request["version"],
                  time.perf_counter() - started)
@@ -220,10 +243,10 @@ def _streamer(conn, stream: str):
     return on_text
 
 
-def _on_done(conn, pending: _Pending, version: str, outcome: dict, batch_size: int):
+def _on_done(conn, pending: _Pending, version: str, outcome: dict):
     def done(completions: list[Completion]) -> None:
         result = {"version": version, "seconds": round(time.perf_counter() - pending.started, 4),
-                  "batch_size": batch_size, "outputs": [c.__dict__ for c in completions]}
+                  "outputs": [c.__dict__ for c in completions]}
         outcome[pending.job_id] = result
         _deliver(conn, pending, result)
 

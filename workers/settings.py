@@ -29,6 +29,7 @@ class WorkerSettings(BaseSettings):
     maintenance_interval_s: int = 15  # how often workers look for abandoned jobs
     generate_batch_max: int = 16  # generation requests of one version a worker decodes as one batch
     generate_batch_wait_ms: float = 15.0  # how long a worker waits for more of them to join a batch
+    generate_batch_join: bool = True  # requests arriving while a batch decodes join it between steps
     # queued edits of one branch a worker applies together as one version (workers/coalesce.py): at most
     # this many facts (fine-tuning methods; ft-m batches work up to about 8), 1: never
     edit_coalesce_max_facts: int = 8
