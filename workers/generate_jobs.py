@@ -178,12 +178,12 @@ def generate(request: dict) -> dict:
             _mark(conn, jobs, JobStatus.STARTED)
         return [_Pending(j.id, j.args[0], time.perf_counter()) for j in jobs]
 
-    # a retry of a batch whose worker died serves the requests that batch had claimed
+    # a retry of a batch whose worker died serves every request that batch had claimed and not answered
     earlier = [j for j in Job.fetch_many(job.meta.get("batch") or [], connection=conn, serializer=JSONSerializer)
-               if j is not None and not _answered(conn, j.id)][:limit - 1]
+               if j is not None and not _answered(conn, j.id)]
     seen.update(j.id for j in earlier)
     batch = [_Pending(job.id, request, started)] + take(earlier + claim(
-        conn, request, limit - 1 - len(earlier), settings.generate_batch_wait_ms / 1000, seen))
+        conn, request, max(0, limit - 1 - len(earlier)), settings.generate_batch_wait_ms / 1000, seen))
 
     try:
         version = engine.session.checkout(request["version"])
