@@ -26,7 +26,8 @@ later alphaedit edits can protect the keys without recomputing anything.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -71,16 +72,26 @@ class Memory:
 
     keys: dict[str, torch.Tensor]  # module name -> (F, in), each fact's key averaged over its contexts
     values: torch.Tensor  # (F, H) z: the hidden state the top edited block should give at the subject
+    own_keys: dict[str, torch.Tensor] = field(default_factory=dict)  # (F, in) in the own prompt alone
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"values": self.values, **{f"keys:{n}": k for n, k in self.keys.items()}}
+        return {"values": self.values, **{f"keys:{n}": k for n, k in self.keys.items()},
+                **{f"own_keys:{n}": k for n, k in self.own_keys.items()}}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Memory | None:
         if "values" not in tensors:
             return None
-        keys = {k.split(":", 1)[1]: t for k, t in tensors.items() if k.startswith("keys:")}
-        return cls(keys=keys, values=tensors["values"])
+
+        def named(prefix: str) -> dict[str, torch.Tensor]:
+            return {k.split(":", 1)[1]: t for k, t in tensors.items() if k.startswith(prefix)}
+
+        return cls(keys=named("keys:"), values=tensors["values"], own_keys=named("own_keys:"))
+
+    def fact_keys(self, module: str, row: int) -> list[torch.Tensor]:
+        """The keys a fact was written along in `module` (what alphaedit keeps in place)."""
+        own = self.own_keys.get(module)
+        return [self.keys[module][row]] + ([own[row]] if own is not None else [])
 
 
 @contextmanager
@@ -136,12 +147,19 @@ class _Enough(Exception):
     pass
 
 
+class KeyRead(NamedTuple):
+    keys: torch.Tensor  # (F, in) each fact's key averaged over its contexts (its own prompt among them)
+    own_keys: torch.Tensor  # (F, in) the key in the fact's own prompt alone
+    top: torch.Tensor  # (F, H) block `top`'s output at the subject in the facts' own prompts
+    inputs: list[torch.Tensor]  # per chunk, the input of the `capture` block (empty without one)
+
+
 @torch.no_grad()
 def read_keys_and_top(model: torch.nn.Module, module: torch.nn.Module, top: int, batch: PairBatch, n_facts: int,
                       chunk: int = 64, start: int = 0, inputs: list[torch.Tensor] | None = None,
-                      capture: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """`module`'s input at the subject position averaged over every context of a fact (F, in), and
-    block `top`'s output there for the facts' own prompts (F, H).
+                      capture: int | None = None) -> KeyRead:
+    """`module`'s input at the subject position, averaged over every context of a fact and in its own
+    prompt, and block `top`'s output there for the facts' own prompts (batch rows 0…F−1).
 
     `start`, `inputs`: run from block `start`, fed its input per chunk as cached by an earlier call
     (valid while no block below `start` has changed since): the blocks below are not run again.
@@ -152,7 +170,7 @@ def read_keys_and_top(model: torch.nn.Module, module: torch.nn.Module, top: int,
     if not sliceable:
         start, inputs = 0, None
     keys = torch.zeros(n_facts, module.weight.shape[0 if is_conv1d(module) else 1], device=batch.input_ids.device)
-    tops, captured = [], []
+    tops, own, captured = [], [], []
     for c, first in enumerate(range(0, len(batch.input_ids), chunk)):
         rows = slice(first, first + chunk)
         mask = batch.subject_mask[rows]
@@ -185,11 +203,12 @@ def read_keys_and_top(model: torch.nn.Module, module: torch.nn.Module, top: int,
                 h.remove()
         fact = torch.arange(first, first + len(mask), device=mask.device) % n_facts  # (b,)
         keys.index_add_(0, fact, found["key"])
+        own.append(found["key"][: max(0, n_facts - first)])
         tops.append(found["top"])
         if capture is not None:
             captured.append(found["input"])
     contexts = len(batch.input_ids) // n_facts
-    return keys / contexts, torch.cat(tops)[:n_facts], captured
+    return KeyRead(keys / contexts, torch.cat(own), torch.cat(tops)[:n_facts], captured)
 
 
 def null_space_projector(c0: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -241,15 +260,22 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
         modules[n].weight.data = originals[n].clone()
     factors: dict[str, LoraFactors] = {}
     first_keys: dict[str, torch.Tensor] = {}
+    first_own: dict[str, torch.Tensor] = {}
     try:
         inputs, start = None, 0
+        contexts = len(batch.input_ids) // n_facts
         for i, name in enumerate(order):
             # Blocks below `start` are as they were in the last pass: run from its cached input.
-            keys, current, captured = read_keys_and_top(model, modules[name], top, batch, n_facts, start=start,
-                                                        inputs=inputs, capture=block_of(name))  # (F, in), (F, H)
-            inputs, start = captured, block_of(name)
-            first_keys[name] = keys
-            residuals = (values.to(current.device) - current) / (len(order) - i)  # (F, H)
+            read = read_keys_and_top(model, modules[name], top, batch, n_facts, start=start, inputs=inputs,
+                                     capture=block_of(name))
+            inputs, start = read.inputs, block_of(name)
+            first_keys[name], first_own[name] = read.keys, read.own_keys
+            residuals = (values.to(read.top.device) - read.top) / (len(order) - i)  # (F, H)
+            keys = read.keys
+            if contexts > 1:
+                # Without a BOS token the own prompt puts the subject at the sequence's start, where
+                # its key differs from the context average (cosine 0.4–0.9 on SmolLM2): write both.
+                keys, residuals = torch.cat([read.keys, read.own_keys]), torch.cat([residuals, residuals])
             live = None if live_keys is None else live_keys.get(name)
             f = solve_update(closed_form, keys, residuals, c0[name], hp, live)
             f.fan_in_fan_out = is_conv1d(modules[name])
@@ -260,5 +286,6 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
     finally:
         for n, w in originals.items():
             modules[n].weight.data = w
-    memory = Memory(keys={n: k.cpu() for n, k in first_keys.items()}, values=values.cpu())
+    memory = Memory(keys={n: k.cpu() for n, k in first_keys.items()}, values=values.cpu(),
+                    own_keys={n: k.cpu() for n, k in first_own.items()} if contexts > 1 else {})
     return Delta(lora=factors), memory

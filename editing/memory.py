@@ -46,13 +46,14 @@ def fact_memory(store, ledger: Ledger, fact: LedgerFact) -> tuple[Memory, int] |
 
 
 def live_keys(store, ledger: Ledger) -> dict[str, torch.Tensor]:
-    """{module name: (N, in)}: the keys of the live facts, per module that has any."""
+    """{module name: (N, in)}: the keys of the live facts, per module that has any (each fact's
+    context-averaged key, and its own prompt's key where the version kept one)."""
     rows: dict[str, list[torch.Tensor]] = {}
     for fact in ledger.live:
         found = fact_memory(store, ledger, fact)
         if found is None:
             continue
         memory, row = found
-        for m, keys in memory.keys.items():
-            rows.setdefault(m, []).append(keys[row])
+        for m in memory.keys:
+            rows.setdefault(m, []).extend(memory.fact_keys(m, row))
     return {m: torch.stack(r) for m, r in rows.items()}

@@ -62,16 +62,20 @@ def test_reading_keys_from_a_cached_block_input_equals_a_full_run():
     batch = pair_batch(lm.tokenizer, [(p, t) for p, t, _ in facts] * 3, subjects=[s for *_, s in facts] * 3,
                        subject_last=True)
     mlp = {i: lm.model.model.layers[i].mlp.down_proj for i in range(4)}
-    full_keys, full_top, cached = read_keys_and_top(lm.model, mlp[1], 3, batch, 2, chunk=4, capture=1)
-    assert len(cached) == 2  # one block input per chunk of 4 rows
-    keys, top, _ = read_keys_and_top(lm.model, mlp[2], 3, batch, 2, chunk=4, start=1, inputs=cached)
-    assert torch.equal(top, full_top)
-    assert torch.equal(keys, read_keys_and_top(lm.model, mlp[2], 3, batch, 2, chunk=4)[0])
+    full = read_keys_and_top(lm.model, mlp[1], 3, batch, 2, chunk=4, capture=1)
+    assert len(full.inputs) == 2  # one block input per chunk of 4 rows
+    alone = read_keys_and_top(lm.model, mlp[1], 3, pair_batch(lm.tokenizer, [facts[1][:2]], subjects=[facts[1][2]],
+                                                               subject_last=True), 1)
+    assert torch.allclose(full.own_keys[1], alone.keys[0], atol=1e-6)  # the own prompt's key, unaveraged
+    part = read_keys_and_top(lm.model, mlp[2], 3, batch, 2, chunk=4, start=1, inputs=full.inputs)
+    assert torch.equal(part.top, full.top)
+    assert torch.equal(part.keys, read_keys_and_top(lm.model, mlp[2], 3, batch, 2, chunk=4).keys)
     with torch.no_grad():  # a change at block 1 shows from its cached input on, as in a full run
         mlp[1].weight.add_(0.05)
-    keys, top, _ = read_keys_and_top(lm.model, mlp[2], 3, batch, 2, chunk=4, start=1, inputs=cached)
-    full_keys, full_top, _ = read_keys_and_top(lm.model, mlp[2], 3, batch, 2, chunk=4)
-    assert torch.equal(keys, full_keys) and torch.equal(top, full_top)
+    part = read_keys_and_top(lm.model, mlp[2], 3, batch, 2, chunk=4, start=1, inputs=full.inputs)
+    again = read_keys_and_top(lm.model, mlp[2], 3, batch, 2, chunk=4)
+    assert torch.equal(part.keys, again.keys) and torch.equal(part.top, again.top)
+    assert torch.equal(part.own_keys, again.own_keys)
 
 
 def _session(tmp_path, monkeypatch) -> EditSession:
