@@ -44,6 +44,9 @@ class StepInfo:
     steps: int
     loss: float
     p_label: list[float]  # p(target token) of the facts' own prompts, in order
+    # The delta as it would be stored if the edit ended at this step (make it only when needed: it
+    # copies the edited weights); None for locate-then-edit methods, whose ΔW is solved after training.
+    delta: Callable[[], Delta] | None = None
 
 
 @dataclass
@@ -154,7 +157,7 @@ def edit(
             result.losses.append(value)
             result.trace.append(stats.p_label[own_tokens].tolist())
             if on_step is not None:
-                on_step(StepInfo(step, hp.steps, value, result.trace[-1]))
+                on_step(StepInfo(step, hp.steps, value, result.trace[-1], make_delta))
             if step == hp.steps:
                 break
             if hp.stop != "none" and should_stop(hp.stop, objective, value, stats, hp):

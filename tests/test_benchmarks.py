@@ -1,4 +1,4 @@
-"""The report scripts run end to end on 2 records each and REPORT.md gets all six sections.
+"""The report scripts run end to end on 2 records each and REPORT.md gets all seven sections.
 
 Benchmarks are not tests: this checks only that every script runs, resumes from its cache,
 and that the report renders tables and plots from what they wrote.
@@ -16,7 +16,7 @@ import pytest
 from benchmarks.common import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("quality", "hto", "sequential", "batch", "costs", "service")
+SCRIPTS = ("quality", "hto", "sequential", "batch", "costs", "service", "curves")
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (DATA / "counterfact-dev.json").exists(),
                                                    reason="../shared/data is not here")]
@@ -28,7 +28,7 @@ def run_script(name: str, *args: str) -> None:
     assert done.returncode == 0, f"{name}.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
 
-def test_every_script_runs_on_two_records_and_the_report_has_six_sections(tmp_path):
+def test_every_script_runs_on_two_records_and_the_report_has_every_section(tmp_path):
     for name in SCRIPTS:
         run_script(name, "--smoke", "--out", str(tmp_path))
 
@@ -42,7 +42,8 @@ def test_every_script_runs_on_two_records_and_the_report_has_six_sections(tmp_pa
     run_script("report", "--results", str(tmp_path))
     report = (tmp_path / "REPORT.md").read_text()
     for heading in ("## 1. Editing quality", "## 2. Heterogeneous token overfitting", "## 3. Sequential editing",
-                    "## 4. Batch editing", "## 5. Service", "## 6. Costs", "## Summary"):
+                    "## 4. Batch editing", "## 5. Service", "## 6. Costs", "## 7. Trade-off curves",
+                    "## Summary"):
         assert heading in report
     assert "(no results)" not in report
     pngs = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
