@@ -179,13 +179,14 @@ def _accumulate(store, chain, touched, names, params, cache, snapshot_every, key
 def _keyframe(store, chain, touched, at, params, cache, snapshot_every, every) -> dict[str, torch.Tensor]:
     """The sums held by the keyframe at chain position `at`, written first if missing (and those
     before it that are missing too, each from the previous one: every delta is read once)."""
-    missing, found, pos = [], (-1, {}), at
+    missing, found, pos, damaged = [], (-1, {}), at, set()
     while pos > 0:
         try:
             sums = store.load_keyframe(chain[pos])
         except (CorruptObjectError, ValueError):  # a cache, not the definition: sum the deltas (fsck reports it)
             log.warning("keyframe of version %s is damaged: summing its deltas", chain[pos], exc_info=True)
             sums = None
+            damaged.add(pos)
         if sums is not None:
             found = (pos, sums)
             break
@@ -196,7 +197,7 @@ def _keyframe(store, chain, touched, at, params, cache, snapshot_every, every) -
         sums = _accumulate(store, chain[: pos + 1], touched[: pos + 1], names, params, cache, snapshot_every,
                            every, found)
         try:
-            store.write_keyframe(chain[pos], {n: s.cpu() for n, s in sums.items()}, pos)
+            store.write_keyframe(chain[pos], {n: s.cpu() for n, s in sums.items()}, pos, heal=pos in damaged)
         except (StoreError, OSError):  # a read-only store, a full disk: checkouts stay exact without it
             log.warning("could not write the keyframe of version %s", chain[pos], exc_info=True)
         found = (pos, sums)

@@ -483,13 +483,16 @@ class VersionStore:
                                      "than its record lists")
         return sums
 
-    def write_keyframe(self, name: str, sums: dict[str, Any], position: int) -> dict:
+    def write_keyframe(self, name: str, sums: dict[str, Any], position: int, heal: bool = False) -> dict:
         """Record S_v (every tensor its weights chain touches; `position`: v's index in that chain) as
         the version's keyframe: the blob first, then the record, created once (a second writer keeps
-        the first record: both hold the same exact sums). Returns the record in effect."""
+        the first record: both hold the same exact sums). Returns the record in effect. `heal`: the
+        record's blob was found damaged; write it again (the same exact bytes) even though a record exists."""
         from editing.delta import Delta
 
         vid = self.resolve(name)
+        if not heal and (existing := self.keyframe(vid)) is not None:  # written already: no second blob
+            return existing
         data = Delta(dense=dict(sums)).to_bytes()
         sha = hashlib.sha256(data).hexdigest()
         self.backend.write(_object_path(sha), data)  # rewritten: a fresh mtime, as in commit

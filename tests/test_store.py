@@ -566,11 +566,17 @@ def test_s3_store(s3_options, monkeypatch):
     assert other.fsck().ok
 
     assert [m["id"] for m in other.versions()] == [v1["id"], other.base_id]
+    kf = {DOWN: torch.full((32, 64), 0.5)}  # keyframes and metrics records: written once, by conditional PUT
+    record = st.write_keyframe(v1["id"], kf, position=1)
+    assert other.write_keyframe(v1["id"], {DOWN: kf[DOWN] + 1}, position=1) == record
+    assert torch.equal(other.load_keyframe(v1["id"])[DOWN], kf[DOWN]) and other.keyframes() == [v1["id"]]
+    other.write_metrics(v1["id"], {"reliability": 0.5})
+    assert other.measured(v1["id"])["metrics"] == {"reliability": 0.5} and other.fsck().ok
     other.backend.write("objects/ab/" + "ab" * 32, b"an orphan")
     assert other.gc(grace_seconds=0)["removed"] == []  # younger than gc's minimum grace
     now = time.time()
     monkeypatch.setattr(maintenance, "time", SimpleNamespace(time=lambda: now + 2 * MIN_GRACE_SECONDS))
-    assert other.gc(grace_seconds=0)["removed"] == ["objects/ab/" + "ab" * 32]
+    assert other.gc(grace_seconds=0)["removed"] == ["objects/ab/" + "ab" * 32]  # the keyframe's blob stays
     assert other.gc(grace_seconds=0)["removed"] == []
     monkeypatch.undo()
 
