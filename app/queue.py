@@ -235,11 +235,12 @@ class JobClient:
             return None
         status = job.get_status(refresh=False)
         out: dict[str, Any] = {"job_id": job_id, "branch": job.meta.get("branch"), "seq": job.meta.get("seq")}
-        leader = self._leader(job_id) if status in WAITING else None
+        # a job a coalesced edit claimed (workers/coalesce.py) is queued, or waits in a worker for its turn
+        leader = self._leader(job_id) if status in WAITING or status == JobStatus.STARTED else None
         if leader is not None and self._committed_by(leader, job_id):
             return None  # its coalesced edit committed it: the store answers (this job only reports it)
-        if leader is not None and leader.get_status(refresh=False) == JobStatus.STARTED:
-            # a coalesced edit took it along and is training it (workers/coalesce.py)
+        if leader is not None and leader.id != job_id and leader.get_status(refresh=False) == JobStatus.STARTED:
+            # a coalesced edit took it along and is training it
             out.update(status="running", progress=leader.meta.get("progress"), batch_leader=leader.id)
             if self.redis.exists(protocol.cancel_key(job_id)):
                 out["cancel_requested"] = True

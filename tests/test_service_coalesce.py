@@ -57,8 +57,9 @@ def assert_exactly_once(client, accepted: list[dict]) -> None:
 
 
 def block_edits(client, stack, branch: str) -> dict:
-    """A long edit (32 facts: never coalesced) that keeps one worker busy while edits queue behind it."""
-    blocker = post(client, branch, slow_facts(), SLOW_HPARAMS)
+    """A long edit (more facts than a group holds: never coalesced) that keeps one worker busy while edits
+    queue behind it."""
+    blocker = post(client, branch, slow_facts(2 * MAX_FACTS), SLOW_HPARAMS)
     poll_edit(client, blocker["job_id"], until=("running",), stack=stack)
     return blocker
 
