@@ -284,24 +284,42 @@ def batch_sizes(log: str) -> dict[int, int]:
     return dict(sorted(counts.items()))
 
 
-def batching(client, stack, lone_n: int, clients: int, rounds: int, tokens: int) -> dict:
+def restart_worker(stack, env: dict | None) -> None:
+    """Stop the (one) worker and start another with `env`, ready."""
+    for proc in stack.workers:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(60)
+    stack.start_worker(env=env)
+    stack.wait_ready(workers=1, timeout=600)
+
+
+def batching(client, stack, lone_n: int, clients: int, rounds: int, tokens: int, restore: bool) -> dict:
     """On one worker: `lone_n` completions one at a time, then `clients` concurrent clients issuing
-    `rounds` requests each; throughput ratio and latencies."""
-    log = stack.root / "worker-0.log"
+    `rounds` requests each, with continuous batching (requests join a running batch) and in the simple
+    form (LMEDIT_GENERATE_BATCH_JOIN=0: a batch is what waits when it starts); throughput ratios and
+    latencies. `restore`: a worker with the default settings again at the end."""
     generate_load(client, ["base"], 1, 2, tokens, "warm-up")
     lone = generate_load(client, ["base"], 1, lone_n, tokens, "one at a time")
-    before = len(log.read_text())
-    many = generate_load(client, ["base"], clients, clients * rounds, tokens, "concurrent")
-    sizes = batch_sizes(log.read_text()[before:])
-    batched = sum(n * k for n, k in sizes.items())
-    result = {"workers": 1, "tokens": tokens, "lone": lone, "concurrent": many,
-              "throughput_ratio": round(many["requests_per_s"] / lone["requests_per_s"], 2),
-              "p99_vs_lone_p50": round(many["p99_s"] / lone["p50_s"], 2),
-              "p99_vs_lone_p99": round(many["p99_s"] / lone["p99_s"], 2),
-              "batch_sizes": sizes, "requests_in_batches": batched}
-    print(f"batching: {clients} clients give {result['throughput_ratio']:.2f}x the one-at-a-time rate "
-          f"({many['requests_per_s']:.2f} vs {lone['requests_per_s']:.2f} requests/s); p99 {many['p99_s']:.2f} s = "
-          f"{result['p99_vs_lone_p50']:.2f}x a lone request's p50; batches {sizes}", flush=True)
+    result = {"workers": 1, "tokens": tokens, "lone": lone}
+    for mode, env in (("continuous", None), ("simple", {"LMEDIT_GENERATE_BATCH_JOIN": "0"})):
+        if env:
+            restart_worker(stack, env)
+            generate_load(client, ["base"], 1, 1, tokens, "warm-up")
+        log = stack.root / f"worker-{len(stack.workers) - 1}.log"
+        before = len(log.read_text())
+        many = generate_load(client, ["base"], clients, clients * rounds, tokens, f"concurrent, {mode}")
+        time.sleep(1)  # a batch is logged just after its last answer went out
+        sizes = batch_sizes(log.read_text()[before:])
+        row = {"concurrent": many, "throughput_ratio": round(many["requests_per_s"] / lone["requests_per_s"], 2),
+               "p99_vs_lone_p50": round(many["p99_s"] / lone["p50_s"], 2),
+               "p99_vs_lone_p99": round(many["p99_s"] / lone["p99_s"], 2), "batch_sizes": sizes}
+        result[mode] = row
+        print(f"batching ({mode}): {clients} clients give {row['throughput_ratio']:.2f}x the one-at-a-time rate "
+              f"({many['requests_per_s']:.2f} vs {lone['requests_per_s']:.2f} requests/s); p99 {many['p99_s']:.2f} s "
+              f"= {row['p99_vs_lone_p50']:.2f}x a lone request's p50; batches {sizes}", flush=True)
+    if restore:
+        restart_worker(stack, None)
     return result
 
 
@@ -369,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         client = httpx.Client(base_url=stack.url, timeout=600, headers={"Authorization": f"Bearer {key}"},
                               limits=httpx.Limits(max_connections=32))
         result["batching"] = batching(client, stack, sizes["batching_lone"], sizes["batching_clients"],
-                                      sizes["batching_rounds"], sizes["tokens"])
+                                      sizes["batching_rounds"], sizes["tokens"], restore=not args.only_batching)
         if args.only_batching:
             previous = args.out / "service.json"
             merged = json.loads(previous.read_text()) if previous.exists() else {}
@@ -507,23 +525,30 @@ def report(results: Path) -> str:
 
 
 def batching_report(b: dict | None) -> list[str]:
-    if not b:
+    if not b or "continuous" not in b:
         return []
-    lone, many = b["lone"], b["concurrent"]
-    sizes = ", ".join(f"{k} × {n}" for n, k in b["batch_sizes"].items()) or "none"
-    return ["", "### Batched generation on one worker", "",
-            f"{b['tokens']}-token greedy completions from one worker (1 torch thread): {lone['requests']} one at a "
-            f"time, then {many['clients']} concurrent clients issuing {many['requests']} in all. The worker decodes "
-            "the requests waiting for one version (and one sampling setting) as one batch: up to "
-            "`LMEDIT_GENERATE_BATCH_MAX` (16), gathered for `LMEDIT_GENERATE_BATCH_WAIT_MS` (15 ms).", "",
-            "| clients | requests | p50 s | p99 s | requests/s | tokens/s |", "|---|---|---|---|---|---|",
-            f"| 1 | {lone['requests']} | {lone['p50_s']:.3f} | {lone['p99_s']:.3f} | {lone['requests_per_s']:.3f} | "
-            f"{lone['tokens_per_s']:.1f} |",
-            f"| {many['clients']} | {many['requests']} | {many['p50_s']:.3f} | {many['p99_s']:.3f} | "
-            f"{many['requests_per_s']:.3f} | {many['tokens_per_s']:.1f} |", "",
-            f"Throughput: **{b['throughput_ratio']:.2f}×** the one-at-a-time rate; p99 latency "
-            f"**{b['p99_vs_lone_p50']:.2f}×** a lone request's p50 ({b['p99_vs_lone_p99']:.2f}× its p99). Batches "
-            f"the worker logged (size × count): {sizes}.", ""]
+    lone = b["lone"]
+    lines = ["", "### Batched generation on one worker", "",
+             f"{b['tokens']}-token greedy completions from one worker (1 torch thread): {lone['requests']} one at a "
+             f"time, then {b['continuous']['concurrent']['clients']} concurrent clients. The worker decodes the "
+             "requests waiting for one version (and one sampling setting) as one batch, up to "
+             "`LMEDIT_GENERATE_BATCH_MAX` (16) gathered until none has come for `LMEDIT_GENERATE_BATCH_WAIT_MS` "
+             "(15 ms); continuous: requests arriving while a batch decodes join it between two steps; simple "
+             "(`LMEDIT_GENERATE_BATCH_JOIN=0`): they wait for the next batch. Batches: size × count, from the "
+             "worker's log (a request alone is not logged).", "",
+             "| form | clients | requests | p50 s | p99 s | requests/s | throughput vs one at a time "
+             "| p99 vs a lone p50 | batches |", "|---|---|---|---|---|---|---|---|---|",
+             f"| one at a time | 1 | {lone['requests']} | {lone['p50_s']:.3f} | {lone['p99_s']:.3f} | "
+             f"{lone['requests_per_s']:.3f} | 1× | — | — |"]
+    for mode in ("continuous", "simple"):
+        m = b.get(mode)
+        if m:
+            c = m["concurrent"]
+            sizes = ", ".join(f"{n} × {k}" for n, k in m["batch_sizes"].items()) or "none"
+            lines.append(f"| {mode} | {c['clients']} | {c['requests']} | {c['p50_s']:.3f} | {c['p99_s']:.3f} | "
+                         f"{c['requests_per_s']:.3f} | **{m['throughput_ratio']:.2f}×** | "
+                         f"**{m['p99_vs_lone_p50']:.2f}×** | {sizes} |")
+    return lines + [""]
 
 
 def _plot(r: dict, path: Path) -> None:

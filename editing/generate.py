@@ -228,6 +228,18 @@ class _Batch:
 
         return self.cache is None or all(type(layer) is DynamicLayer for layer in self.cache.layers)
 
+    def _trim(self) -> None:
+        """Drop the leading cache positions that no remaining row attends to (padding left behind by rows
+        that were longer): a batch that requests keep joining does not grow without end."""
+        if not self.joinable():
+            return
+        used = self.mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            self.mask = self.mask[:, first:]
+
     def _choose(self) -> torch.Tensor:
         if self.temperature <= 0:
             return self.logits.argmax(-1)
@@ -265,6 +277,7 @@ class _Batch:
                 self.cache.batch_select_indices(index)
                 self.mask, self.last, tokens = self.mask[index], self.last[index], tokens[index]
                 self.active = [self.active[k] for k in keep]
+                self._trim()
             self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.active), 1))], dim=1)
             self.last = self.last + 1
             out = self.lm.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.last,

@@ -9,7 +9,8 @@ batch. Claiming is LREM of the job id from RQ's queue list: atomic, so that two 
 one request. Each request keeps its own token limit, stop strings, seed (its own torch.Generator) and
 stream, and gets its result as soon as its own rows are finished. With `generate_batch_join` (the
 default), requests of the group that arrive while the batch decodes join it between two decoding steps
-(continuous batching), as long as it holds fewer than `generate_batch_max` unfinished requests.
+(continuous batching), every JOIN_EVERY_STEPS steps (arrivals close together share one prefill), as long
+as it holds fewer than `generate_batch_max` unfinished requests.
 
 The claimed ids are written into the first job's meta before decoding: if this worker dies, RQ
 retries the first job (Retry), and the retry serves the claimed requests too.
@@ -39,6 +40,7 @@ GREEDY_BELOW = 1e-6  # temperatures this small decode greedily (see _temperature
 SCAN = 64  # how far into the queue a worker looks for requests to join its batch
 POLL_S = 0.003  # how often it looks again during the wait window
 GATHER_MAX_WAITS = 8  # a window kept open by arriving requests closes after this many wait windows at most
+JOIN_EVERY_STEPS = 4  # a running batch takes in arrivals every this many steps: one prefill for those together
 
 
 def _temperature(value) -> float:
@@ -209,9 +211,12 @@ def generate(request: dict) -> dict:
                     _deliver(conn, p, outcome[p.job_id])
             return out
 
+        steps = [0]
+
         def more() -> list[Request]:
+            steps[0] += 1
             free = limit - (len(batch) - len(outcome))  # requests of the batch still decoding
-            if free <= 0:
+            if free <= 0 or steps[0] % JOIN_EVERY_STEPS:
                 return []
             joining = take(claim(conn, request, free, 0.0, seen))
             batch.extend(joining)
