@@ -231,6 +231,8 @@ def test_gc_keeps_referenced_keyframes_and_drops_those_of_versions_that_are_gone
     sums = {DOWN: torch.randn(32, 64, generator=torch.Generator().manual_seed(3))}
     kept = st.write_keyframe(kept_version, sums, position=1)
     gone = st.write_keyframe(gone_version, {DOWN: sums[DOWN] * 2}, position=1)
+    for vid in (kept_version, gone_version):  # metrics measured after commit: records beside the manifests
+        st.write_metrics(vid, {"reliability": 1.0})
     assert st.write_keyframe(kept_version, {DOWN: sums[DOWN] + 1}, position=1) == kept  # written once
     root = tmp_path / "store"
     for record in (kept, gone):
@@ -242,11 +244,13 @@ def test_gc_keeps_referenced_keyframes_and_drops_those_of_versions_that_are_gone
     (root / "versions" / f"{gone_version}.json").unlink()  # a version that is gone
     removed = VersionStore.open(root).gc(grace_seconds=3600)["removed"]
     blob = f"objects/{gone['object'][:2]}/{gone['object']}"
-    assert sorted(removed) == sorted([f"keyframes/{gone_version}.json", blob])
+    assert sorted(removed) == sorted([f"keyframes/{gone_version}.json", f"metrics/{gone_version}.json", blob])
     fresh = VersionStore.open(root)
     assert fresh.keyframes() == [kept_version]
     assert torch.equal(fresh.load_keyframe(kept_version)[DOWN], sums[DOWN])
     assert fresh.load_keyframe("base") is None
+    assert fresh.measured(kept_version)["metrics"] == {"reliability": 1.0}
+    assert [p.kind for p in fresh.fsck().problems] == ["ref-to-incomplete"]  # branch side: its version is gone
 
 
 def test_gc_keeps_the_blob_of_a_commit_in_flight(tmp_path: Path, st: VersionStore, monkeypatch):
