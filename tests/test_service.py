@@ -15,6 +15,7 @@ import pytest
 import redis
 from rq.job import Job
 
+from editing.hparams import METHODS
 from tests.service import SLOW_HPARAMS, TINY_HPARAMS, poll_edit, slow_facts, tiny_stack, wait_for
 
 PROMPT = "The Eiffel Tower is in"
@@ -83,6 +84,7 @@ def test_edit_poll_generate_rollback(stack, client):
     assert state["status"] == "succeeded", state
     version = state["version"]
     assert state["metrics"]["reliability"] == 1.0
+    assert state["method"] in METHODS and state["steps"] >= 1 and state["seconds"] > 0  # what ran, and how long
 
     history = client.get("/versions", params={"branch": "main"}).json()
     assert history[0]["id"] == version and history[0]["job_id"] == accepted["job_id"]

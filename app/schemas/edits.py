@@ -108,6 +108,10 @@ class EditState(BaseModel):
     batch_leader: str | None = Field(None, description="Running: the job of the coalesced edit training this one.")
     metrics_pending: bool | None = Field(None, description="The version is live (generate from it); its metrics "
                                          "are being measured after it: poll again to see them in `metrics`.")
+    method: str | None = Field(None, description="The method the edit ran with (the default may have fallen back).")
+    note: str | None = Field(None, description="Why the method differs from the one asked for (or the default).")
+    steps: int | None = Field(None, description="Optimisation steps the edit took.")
+    seconds: float | None = Field(None, description="The edit alone: training and forming the delta.")
     timings: dict[str, float] | None = Field(None, description="Seconds per phase, acceptance to result: queue, "
                                              "lookup, turn (earlier edits), checkout, training, commit, "
                                              "checkout_after.")
