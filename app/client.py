@@ -141,10 +141,13 @@ class Client:
     # --- edits ------------------------------------------------------------------------------------
     def submit_edit(self, facts: list[Fact], branch: str = "main", method: str | None = None,
                     objective: str | None = None, hparams: dict | None = None,
-                    idempotency_key: str | None = None) -> dict:
-        """Queue one edit (all facts together) for `branch`: {job_id, status, branch, seq}."""
+                    idempotency_key: str | None = None, coalesce: bool = True) -> dict:
+        """Queue one edit (all facts together) for `branch`: {job_id, status, branch, seq}. A worker may
+        apply it together with the edits queued next to it as one version; `coalesce=False`: never."""
         body: dict[str, Any] = {"facts": facts, "branch": branch}
         body |= {k: v for k, v in (("method", method), ("objective", objective), ("hparams", hparams)) if v}
+        if not coalesce:
+            body["coalesce"] = False
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._json("POST", "/edits", json=body, headers=headers)
 

@@ -15,6 +15,7 @@ import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from app.client import Client
 from tests.service import SLOW_HPARAMS, TINY_HPARAMS, job_ids, poll_edit, slow_facts, tiny_stack, wait_for
 
 MAX_FACTS = 4  # facts per coalesced edit on this stack (LMEDIT_EDIT_COALESCE_MAX_FACTS)
@@ -69,7 +70,8 @@ def test_queued_edits_coalesce_in_acceptance_order_with_their_own_metrics(stack,
     blocker = block_edits(client, stack, "burst")
     probe = {"locality_prompts": [{"prompt": "Berlin is the capital of", "answer": ""}]}
     accepted = [post(client, "burst", [fact(i, **(probe if i % 2 else {}))]) for i in range(3)]
-    accepted.append(post(client, "burst", [fact(3)], coalesce=False))  # never in a group
+    with Client(stack.url) as lm:  # never in a group
+        accepted.append(lm.submit_edit([fact(3)], branch="burst", hparams=TINY_HPARAMS, coalesce=False))
     accepted += [post(client, "burst", [fact(i)]) for i in range(4, 7)]
     accepted.append(post(client, "burst", [fact(7)], {**TINY_HPARAMS, "steps": 39}))  # other hparams
     accepted.append(post(client, "burst", [fact(8), fact(9)]))
