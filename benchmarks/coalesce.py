@@ -11,9 +11,10 @@ other), then as plain requests (coalesced). Measured per run: first POST to the 
 one measurement job per version). Checked per run: every edit succeeded, each job id in exactly one
 version, and the branch's history lists the job ids in acceptance (seq) order.
 
-    python benchmarks/coalesce.py [--full | --smoke] [--model smollm2|tiny|PATH] [--out DIR]
+    python benchmarks/coalesce.py [--full | --smoke] [--model smollm2|tiny|PATH] [--method M] [--out DIR]
 
-Default and --full: 100 facts; --smoke: 6 on the tiny model's scale. Writes coalesce.json.
+Default and --full: 100 facts; --smoke: 6. One warm-up edit first (a locate-then-edit method computes
+its C0 once). Writes coalesce.json (coalesce-<method>.json with --method).
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ STACK_ENV = {"LMEDIT_WORKER_TTL_S": "30", "LMEDIT_WORKER_HEARTBEAT_S": "5", "LME
 POLL_S = 0.2
 
 
-def post_all(client: httpx.Client, branch: str, facts: list[dict], hparams: dict | None, coalesce: bool) -> list:
+def post_all(client: httpx.Client, branch: str, facts: list[dict], hparams: dict | None, coalesce: bool,
+             method: str | None = None) -> list:
     def post(f: dict) -> dict:
-        body = {"facts": [f], "branch": branch, "hparams": hparams, **({} if coalesce else {"coalesce": False})}
+        body = {"facts": [f], "branch": branch, "hparams": hparams, **({} if coalesce else {"coalesce": False}),
+                **({"method": method} if method else {})}
         r = client.post("/edits", json=body)
         if r.status_code != 202:
             raise RuntimeError(f"POST /edits answered {r.status_code}: {r.text}")
@@ -78,10 +81,11 @@ def wait_all(client: httpx.Client, jobs: list[dict], started: float, timeout: fl
     return live_at, measured_at, [states[j["job_id"]] for j in jobs]
 
 
-def one_run(client: httpx.Client, branch: str, facts: list[dict], hparams: dict | None, coalesce: bool) -> dict:
+def one_run(client: httpx.Client, branch: str, facts: list[dict], hparams: dict | None, coalesce: bool,
+            method: str | None = None) -> dict:
     client.post("/branches", json={"name": branch, "from_version": "base"}).raise_for_status()
     started = time.perf_counter()
-    jobs = post_all(client, branch, facts, hparams, coalesce)
+    jobs = post_all(client, branch, facts, hparams, coalesce, method)
     accepted = time.perf_counter() - started
     live, measured, states = wait_all(client, jobs, started, timeout=600 + 60 * len(facts))
     history = client.get("/versions", params={"branch": branch, "limit": len(facts) + 1}).json()[::-1][1:]
@@ -106,6 +110,7 @@ def one_run(client: httpx.Client, branch: str, facts: list[dict], hparams: dict 
 def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__)
     parser.add_argument("--model", default="smollm2", help="smollm2 (embedded), tiny (the tests' model) or a path")
+    parser.add_argument("--method", default=None, help="edit method (default: the server's, ft-m); e.g. memit")
     args = parser.parse_args(argv)
     n = size(args, 100, 100, smoke=6)
 
@@ -114,8 +119,9 @@ def main(argv: list[str] | None = None) -> None:
 
     root = Path(tempfile.mkdtemp(prefix="lmedit-bench-coalesce-"))
     model, hparams = model_source(args.model, root)
-    facts_from, facts = fact_source(2 * n)
-    result = {"run": run_facts(), "model": args.model, "facts": facts_from, "edits": n, "hparams": hparams,
+    facts_from, facts = fact_source(2 * n + 1)
+    result = {"run": run_facts(), "model": args.model, "method": args.method or "ft-m (default)",
+              "facts": facts_from, "edits": n, "hparams": hparams,
               "threads": 1, "load_average_start": os.getloadavg()}
     stack = Stack(root, model, env=STACK_ENV | {"LMEDIT_THREADS": "1"})
     ok = False
@@ -126,8 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         stack.wait_ready(workers=1, timeout=600)
         with httpx.Client(base_url=stack.url, timeout=600, headers={"Authorization": f"Bearer {key}"},
                           limits=httpx.Limits(max_connections=32)) as client:
-            single = one_run(client, "singles", facts[:n], hparams, coalesce=False)
-            grouped = one_run(client, "coalesced", facts[n:2 * n], hparams, coalesce=True)
+            one_run(client, "warm-up", facts[2 * n:], hparams, coalesce=False, method=args.method)  # C0 etc.
+            single = one_run(client, "singles", facts[:n], hparams, coalesce=False, method=args.method)
+            grouped = one_run(client, "coalesced", facts[n:2 * n], hparams, coalesce=True, method=args.method)
         result |= {"single": single, "coalesced": grouped,
                    "live_ratio": round(grouped["live_s"] / single["live_s"], 4),
                    "measured_ratio": round(grouped["measured_s"] / single["measured_s"], 4)}
@@ -141,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"stack folder kept for its logs: {root}", file=sys.stderr)
     result["load_average_end"] = os.getloadavg()
-    write_json(args.out / "coalesce.json", result)
-    print(f"wrote {args.out / 'coalesce.json'}")
+    name = f"coalesce-{args.method}.json" if args.method else "coalesce.json"
+    write_json(args.out / name, result)
+    print(f"wrote {args.out / name}")
 
 
 if __name__ == "__main__":
