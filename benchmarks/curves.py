@@ -380,8 +380,7 @@ def _plot(points: dict[str, list[dict]], marked: dict[str, dict | None], path: P
     ax.axvline(LOCALITY_FLOOR, color="red", linewidth=0.8, linestyle=":")
     ax.set_xlabel("locality")
     ax.set_ylabel("generalization")
-    ax.set_title(f"{title}: one point per training step (step 0 at locality 1); ★ / ✕ (its stop rule): "
-                 "each config's reading by the rule")
+    ax.set_title(f"{title}: a point per step (step 0: locality 1); ★ the rule's reading per config (✕: its stop rule)")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
