@@ -14,7 +14,7 @@ from rich.table import Table
 
 from app import cli_cache, cli_export, cli_service, cli_store
 from app.settings import get_settings
-from editing.hparams import DEFAULT_METHOD, DEFAULT_OBJECTIVE, METHODS, OBJECTIVES
+from editing.hparams import DEFAULT_METHOD, DEFAULT_OBJECTIVE, FALLBACK_METHOD, METHODS, OBJECTIVES, choose_method
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="lmedit: versioned knowledge edits.")
 cli_store.register(app)
@@ -266,16 +266,18 @@ def evaluate_cmd(
     from editing.facts import read_cases
     from editing.hparams import resolve_hparams
 
-    method = method or DEFAULT_METHOD
+    requested, method = method, method or DEFAULT_METHOD
     try:
         cases = read_cases(data, fmt=fmt, offset=offset, n=n)
         resolve_hparams(method, _hparams(hparams))
+        # per case: the default falls back for facts without a subject; a named method needs them
+        methods = {c.id: choose_method(requested, [f.subject for f in c.facts])[0] for c in cases}
     except (ValueError, KeyError, OSError) as e:
         fail(f"{data}: {e}")
     if not cases:
         fail(f"{data}: no records at offset {offset}")
     if sequential:
-        return _sequential(cases, method, objective, _hparams(hparams), every, store, branch, resume,
+        return _sequential(cases, requested, objective, _hparams(hparams), every, store, branch, resume,
                            model, threads, as_json)
     config = {"method": method, "objective": objective, "hparams": _hparams(hparams),
               "fluency_tokens": fluency_tokens, "model": model or get_settings().model}
@@ -288,7 +290,7 @@ def evaluate_cmd(
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"{method} + {objective}", total=len(cases), completed=len(cases) - len(todo))
         for case in todo:
-            r = evaluate_case(lm, case, method, objective, _hparams(hparams), fluency_tokens)
+            r = evaluate_case(lm, case, methods[case.id], objective, _hparams(hparams), fluency_tokens)
             done[case.id] = r
             if out:
                 with out.open("a") as f:  # one line per record as it finishes: an interrupted run resumes
@@ -296,7 +298,9 @@ def evaluate_cmd(
             progress.advance(task)
     results = [done[c.id] for c in cases]
     summary = summarize(results)
-    summary.update(method=method, objective=objective, offset=offset, data=str(data),
+    fell_back = sum(m != method for m in methods.values())
+    summary.update(method=method, **({"fell_back_to_" + FALLBACK_METHOD: fell_back} if fell_back else {}),
+                   objective=objective, offset=offset, data=str(data),
                    hparams=config["hparams"], fluency_tokens=fluency_tokens, reused=len(cases) - len(todo),
                    wall_seconds=time.perf_counter() - started)
     if as_json:
@@ -308,7 +312,7 @@ def evaluate_cmd(
                                  summary, keys))
 
 
-def _sequential(cases, method: str, objective: str, hparams: dict, every: int, store: str | None, branch: str,
+def _sequential(cases, method: str | None, objective: str, hparams: dict, every: int, store: str | None, branch: str,
                 resume: bool, model: str | None, threads: int | None, as_json: bool) -> None:
     """`lmedit eval --sequential`: see editing/sequential.py."""
     import tempfile
@@ -334,13 +338,13 @@ def _sequential(cases, method: str, objective: str, hparams: dict, every: int, s
             fail(f"branch {branch!r} in {store} already holds {done} edits of a sequence: pass --resume to "
                  "continue it, or another --branch")
         keys = ["edits", "retention", "generalization", "locality", "fluency", "fluency_base", "seconds_per_edit"]
-        table = Table(title=f"sequential {method} + {objective} on {branch}")
+        table = Table(title=f"sequential {method or DEFAULT_METHOD} + {objective} on {branch}")
         for k in keys:
             table.add_column(k, justify="right")
         from rich.progress import Progress
 
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task(f"{method} + {objective}", total=len(facts), completed=done)
+            task = progress.add_task(f"{method or DEFAULT_METHOD} + {objective}", total=len(facts), completed=done)
             for point in run_sequential(session, facts, every, method, objective, hparams, branch,
                                         on_edit=lambda i, s: progress.update(task, completed=i)):
                 row = point.to_dict()
@@ -364,7 +368,7 @@ def diagnose(
     prompt: str = typer.Option(..., "--prompt", "-p"),
     target: str = typer.Option(..., "--target", "-t"),
     subject: str | None = typer.Option(None, "--subject", "-s"),
-    method: str = typer.Option(DEFAULT_METHOD, help=METHOD_HELP),
+    method: str | None = typer.Option(None, help=METHOD_HELP),
     steps: int = typer.Option(20, min=1, max=500),
     hparams: str | None = typer.Option(None, help="JSON object of hyperparameters"),
     out: Path = typer.Option(Path("hto"), help="Output path stem: writes STEM.json and STEM.png"),
@@ -374,6 +378,10 @@ def diagnose(
     from editing import diagnose as hto
     from editing.facts import Fact
 
+    try:
+        method = choose_method(method, [subject])[0]
+    except ValueError as e:
+        fail(str(e))
     lm = _load(model)
     with console.status("training with ce and overtone …"):
         result = hto.trajectories(lm, Fact(prompt, target, subject=subject), method=method,

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from editing import metrics
 from editing.facts import Fact
 from editing.generate import generate
+from editing.hparams import choose_method
 from editing.ledger import identity
 from editing.model import LoadedModel
 from editing.session import EditSession
@@ -113,7 +114,7 @@ def run_sequential(
     session: EditSession,
     facts: list[Fact],
     every: int,
-    method: str,
+    method: str | None,
     objective: str,
     hparams: dict | None = None,
     branch: str = "main",
@@ -121,7 +122,8 @@ def run_sequential(
     due: Callable[[int], bool] | None = None,
 ) -> Iterator[Checkpoint]:
     """Edit `facts` in order on `branch`, continuing after the edits it already holds; yield a
-    checkpoint every `every` edits (or where `due(edits)` says) and after the last one."""
+    checkpoint every `every` edits (or where `due(edits)` says) and after the last one. `method`
+    None: the default, which falls back for a fact without a subject (editing/hparams.py)."""
     if every < 1:
         raise ValueError("every must be at least 1")
     due = due or (lambda edits: edits % every == 0)
@@ -137,7 +139,8 @@ def run_sequential(
         return
     for i in range(done, len(facts)):
         started = time.perf_counter()
-        outcome = session.edit([facts[i]], method=method, objective=objective, hparams=hparams,
+        chosen = choose_method(method, [facts[i].subject])[0]
+        outcome = session.edit([facts[i]], method=chosen, objective=objective, hparams=hparams,
                                branch=branch, job_id=f"{JOB_PREFIX}{i}")
         seconds.append(outcome.seconds)
         if on_edit is not None:

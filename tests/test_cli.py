@@ -27,7 +27,7 @@ def test_edit_commits_a_version_that_generate_serves(model_dir, tmp_path):
     store = tmp_path / "store"
     code, out = run("edit", "--prompt", "The Eiffel Tower is in", "--target", "Rome", "--subject", "Eiffel Tower",
                     "--rephrase", "Where is the Eiffel Tower? It is in", "--locality", "Berlin is the capital of",
-                    "--model", model_dir, "--store", store, "--hparams", HP, "--json")
+                    "--model", model_dir, "--store", store, "--method", "ft-m", "--hparams", HP, "--json")
     assert code == 0, out
     result = json.loads(out)
     assert result["version"] and result["metrics"]["reliability"] == 1.0
@@ -81,7 +81,8 @@ def test_eval_prints_json_summary(model_dir, tmp_path):
             ("Toko Yasuda plays the", "piano", "Toko Yasuda", "Toko Yasuda is known for playing the"),
         ])
     ]))
-    code, out = run("eval", "--data", data, "--n", "2", "--model", model_dir, "--hparams", HP, "--json")
+    code, out = run("eval", "--data", data, "--n", "2", "--model", model_dir, "--method", "ft-m", "--hparams", HP,
+                    "--json")
     assert code == 0, out
     summary = json.loads(out)
     assert summary["n"] == 2 and summary["reliability"] == 1.0
@@ -99,8 +100,8 @@ def test_eval_sequential_checkpoints_and_resumes(model_dir, tmp_path):
         for i, (s, t) in enumerate(zip(names, ["Rome", "Paris", "Tokyo", "Lima", "Oslo"]))
     ]))
     store = tmp_path / "store"
-    common = ["eval", "--data", data, "--model", model_dir, "--hparams", HP, "--sequential", "--every", "2",
-              "--store", store, "--json"]
+    common = ["eval", "--data", data, "--model", model_dir, "--method", "ft-m", "--hparams", HP, "--sequential",
+              "--every", "2", "--store", store, "--json"]
     code, out = run(*common, "--n", "3")
     assert code == 0, out
     points = [json.loads(line) for line in out.splitlines()]

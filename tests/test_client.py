@@ -52,9 +52,10 @@ def checkout(stack, version: str):
 
 
 def test_edit_wait_generate_tag_branch_rollback(stack, lm):
-    accepted = lm.submit_edit([FACT], hparams=TINY_HPARAMS, idempotency_key="client-1")
+    accepted = lm.submit_edit([FACT], method="ft-m", hparams=TINY_HPARAMS, idempotency_key="client-1")
     assert accepted["status"] == "queued"
-    assert lm.submit_edit([FACT], hparams=TINY_HPARAMS, idempotency_key="client-1")["job_id"] == accepted["job_id"]
+    again = lm.submit_edit([FACT], method="ft-m", hparams=TINY_HPARAMS, idempotency_key="client-1")
+    assert again["job_id"] == accepted["job_id"]
     seen: list[dict] = []
     state = lm.wait_edit(accepted["job_id"], timeout=90, poll=0.1, on_progress=seen.append)
     vid = state["version"]
@@ -155,7 +156,8 @@ def test_export_gguf_over_http(tmp_path):
         s.start_api()
         s.wait_ready()
         with Client(s.url) as lm:
-            vid = lm.wait_edit(lm.submit_edit([FACT], hparams=TINY_HPARAMS)["job_id"], timeout=90)["version"]
+            job = lm.submit_edit([FACT], method="ft-m", hparams=TINY_HPARAMS)["job_id"]
+            vid = lm.wait_edit(job, timeout=90)["version"]
             path = lm.export(vid, "gguf", tmp_path / "out" / "edited.gguf", timeout=120)
         r = httpx.get(f"{s.url}/versions/{vid}/export", params={"format": "gguf", "wait": 0}, timeout=30)
         assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"

@@ -57,6 +57,8 @@ def test_console_edit_compare_rollback(stack):
         page.fill("#edit-target", "Rome")
         page.fill("#edit-subject", "Eiffel Tower")
         page.click("#edit-panel summary")
+        expect(page.locator("#edit-method option")).to_contain_text(["default (alphaedit)", "ft-m", "alphaedit"])
+        page.select_option("#edit-method", "ft-m")  # TINY_HPARAMS are ft-m's on a tiny model
         page.fill("#edit-hparams", json.dumps(TINY_HPARAMS))
         page.click("#edit-submit")
         expect(page.locator("#edit-status")).to_contain_text("succeeded", timeout=90_000)

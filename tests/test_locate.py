@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from editing.checkout import ResidentModel, materialize
 from editing.facts import Fact
-from editing.hparams import resolve_hparams
+from editing.hparams import DEFAULT_METHOD, FALLBACK_METHOD, choose_method, resolve_hparams
 from editing.keys import module_inputs, second_moment, text_source
 from editing.ledger import ledger_of
 from editing.locate import read_keys_and_top, solve_update
@@ -125,3 +126,12 @@ def test_rebase_checks_out_bit_identical_from_any_version(tmp_path, monkeypatch)
         resident.checkout(versions[-1])
         for n, p in lm.model.named_parameters():
             assert torch.equal(p, expected[n]), (start, n)
+
+
+def test_the_default_method_needs_a_subject_and_falls_back_without_one():
+    assert choose_method(None, ["Japan"]) == (DEFAULT_METHOD, None)
+    method, note = choose_method(None, ["Japan", None])
+    assert method == FALLBACK_METHOD != DEFAULT_METHOD and "1 fact(s) without a subject" in note
+    assert choose_method("ft-m", [None]) == ("ft-m", None)
+    with pytest.raises(ValueError, match="needs each fact's subject"):
+        choose_method("alphaedit", [None])

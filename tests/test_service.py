@@ -15,7 +15,7 @@ import pytest
 import redis
 from rq.job import Job
 
-from editing.hparams import METHODS
+from editing.hparams import DEFAULT_METHOD, FALLBACK_METHOD, METHODS
 from tests.service import SLOW_HPARAMS, TINY_HPARAMS, poll_edit, slow_facts, tiny_stack, wait_for
 
 PROMPT = "The Eiffel Tower is in"
@@ -39,7 +39,9 @@ def client(stack):
 
 
 def edit(client, facts, branch="main", hparams=TINY_HPARAMS, **headers) -> httpx.Response:
-    return client.post("/edits", json={"facts": facts, "branch": branch, "hparams": hparams}, headers=headers)
+    """An ft-m edit (TINY_HPARAMS are ft-m's on a tiny model; the default method is alphaedit)."""
+    body = {"facts": facts, "branch": branch, "method": "ft-m", "hparams": hparams}
+    return client.post("/edits", json=body, headers=headers)
 
 
 @pytest.fixture(scope="module")
@@ -345,3 +347,14 @@ def test_no_worker_means_503_not_a_hang(stack, client):
         stack.workers.remove(gone)
         stack.start_worker()
         stack.wait_ready(workers=1)
+
+
+def test_without_a_subject_the_default_method_falls_back_and_says_so(stack, client):
+    assert client.post("/branches", json={"name": "fallback", "from_version": "base"}).status_code in (201, 409)
+    r = client.post("/edits", json={"facts": [{"prompt": "The Colosseum is in", "target_new": "Paris"}],
+                                    "branch": "fallback", "hparams": TINY_HPARAMS})
+    assert r.status_code == 202, r.text
+    state = poll_edit(client, r.json()["job_id"], stack=stack)
+    assert state["status"] == "succeeded", state
+    assert state["method"] == FALLBACK_METHOD != DEFAULT_METHOD
+    assert "without a subject" in state["note"]

@@ -16,10 +16,12 @@ import pytest
 from tests.service import TINY_HPARAMS, Stack, poll_edit
 from tests.tiny import tiny_llama
 
-BUCKET = "lmedit"
+BUCKET = "lmedit-scaleout"  # moto keeps one state per process: not the bucket tests/test_store.py uses
 STORE_URL = f"s3://{BUCKET}/store"
 PROMPT = "The Eiffel Tower is in"
 FACT = {"prompt": PROMPT, "target_new": "Rome", "subject": "Eiffel Tower"}
+# TINY_HPARAMS are ft-m's on a tiny model; the default method is a locate-then-edit one
+FT_M = {"method": "ft-m", "hparams": TINY_HPARAMS}
 JAPAN = {"prompt": "The capital of Japan is", "target_new": "Paris", "subject": "Japan"}
 # Locate-then-edit on a tiny model: a short value optimisation, C₀ from a few hundred tokens.
 CONSOLIDATE = {"method": "memit", "hparams": {"context_prefixes": 1, "steps": 3, "c0_tokens": 400}}
@@ -107,7 +109,7 @@ def test_api_and_two_workers_on_s3_and_one_redis(tmp_path, s3):
             base = generate(client, "base")
             assert not base.strip().startswith("Rome")
 
-            first = edit(client, stack, "/edits", {"facts": [FACT], "hparams": TINY_HPARAMS}, "eiffel")
+            first = edit(client, stack, "/edits", {"facts": [FACT], **FT_M}, "eiffel")
             v1 = first["version"]
             assert first["metrics"]["reliability"] == 1.0
             rome = generate(client, v1)  # served by worker B, from the version worker A wrote to S3
@@ -115,7 +117,7 @@ def test_api_and_two_workers_on_s3_and_one_redis(tmp_path, s3):
             assert generate(client, "main") == rome
             assert client.post("/tags", json={"name": "rome", "version": v1}).status_code == 201
 
-            second = edit(client, stack, "/edits", {"facts": [JAPAN], "hparams": TINY_HPARAMS}, "japan")
+            second = edit(client, stack, "/edits", {"facts": [JAPAN], **FT_M}, "japan")
             assert second["parent"] == v1 and second["seq"] == first["seq"] + 1
             r = client.post("/branches/main/rollback", json={"version": v1})
             assert r.status_code == 200 and r.json() == {"name": "main", "version": v1}
@@ -151,9 +153,9 @@ def test_api_and_two_workers_on_s3_and_one_redis(tmp_path, s3):
             assert generate(client, "base") == base
             assert generate(client, "rome") == rome
             assert generate(client, "main") == consolidated
-            after = edit(client, stack, "/edits", {"facts": [JAPAN], "hparams": TINY_HPARAMS}, "japan-again")
+            after = edit(client, stack, "/edits", {"facts": [JAPAN], **FT_M}, "japan-again")
             assert after["parent"] == v3 and after["seq"] == third["seq"] + 1  # Redis kept the branch's count
-            replay = client.post("/edits", json={"facts": [FACT], "hparams": TINY_HPARAMS},
+            replay = client.post("/edits", json={"facts": [FACT], **FT_M},
                                  headers={"Idempotency-Key": "eiffel"})
             assert replay.headers.get("idempotent-replayed") == "true" and replay.json()["job_id"] == first["job_id"]
             assert client.get("/versions/main").json()["id"] == after["version"]

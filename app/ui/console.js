@@ -281,6 +281,7 @@ async function submitEdit(event) {
   const fact = { prompt: $("edit-prompt").value, target_new: $("edit-target").value };
   if ($("edit-subject").value.trim()) fact.subject = $("edit-subject").value.trim();
   const body = { facts: [fact], branch: state.branch };
+  if ($("edit-method").value) body.method = $("edit-method").value;
   const raw = $("edit-hparams").value.trim();
   if (raw) {
     try {
@@ -391,6 +392,17 @@ async function rollback(version) {
 
 // ---- wiring ----------------------------------------------------------------------------------
 
+// The edit methods and the default, as the API documents them (one list: editing/hparams.py).
+async function loadMethods() {
+  const spec = await (await fetch("/openapi.json")).json();
+  const field = spec.components.schemas.EditRequest.properties.method;
+  const methods = (field.anyOf || [field]).flatMap((s) => s.enum || []);
+  const select = $("edit-method");
+  const fallback = (field.description || "").match(/default ([\w-]+)/);
+  if (fallback) select.options[0].textContent = "default (" + fallback[1] + ")";
+  for (const m of methods) select.append(el("option", { value: m }, m));
+}
+
 async function refresh() {
   try {
     await loadRefs();
@@ -426,5 +438,5 @@ document.addEventListener("DOMContentLoaded", () => {
   $("edit-form").addEventListener("submit", submitEdit);
   $("gen-form").addEventListener("submit", generate);
   showKey();
-  refresh();
+  loadMethods().catch((err) => notice(describe(err))).finally(refresh);
 });
