@@ -144,7 +144,7 @@ def trainable(model: torch.nn.Module, method: Method, hp: EditHparams, keys: dic
     """Make the method's parameters trainable; yields a `Trainable`.
 
     `only_at` uses `edited` and `unedited`; the norm constraint clamps to `original_weights`.
-    On exit the model is exactly as before (weights restored by copy, LoRA layers
+    On exit the model is exactly as before (the original weight tensors back in place, LoRA layers
     removed), whether training succeeded or raised. `make_delta()` must be called inside.
     ft-k needs the facts' `keys` ({module name: (K, in)}, editing/keys.py `fact_keys`).
     """
@@ -157,8 +157,9 @@ def trainable(model: torch.nn.Module, method: Method, hp: EditHparams, keys: dic
     if not method.low_rank:
         frozen = {name: copy.deepcopy(m) for name, m in modules.items()}
         params = {f"{name}.weight": m.weight for name, m in modules.items()}
-        originals = {name: p.detach().clone() for name, p in params.items()}
-        for p in params.values():
+        originals = {name: p.detach() for name, p in params.items()}  # kept as they are, never written:
+        for p in params.values():  # training changes private copies, not the (memory-mapped, shared) base
+            p.data = p.detach().clone()
             p.requires_grad_(True)
 
         def make_delta() -> Delta:
@@ -170,7 +171,7 @@ def trainable(model: torch.nn.Module, method: Method, hp: EditHparams, keys: dic
             with torch.no_grad():
                 for name, p in params.items():
                     p.requires_grad_(False)
-                    p.copy_(originals[name])
+                    p.data = originals[name]
         return
 
     from peft import LoraConfig, get_peft_model

@@ -217,33 +217,6 @@ def test_ft_k_changes_the_weights_only_along_the_facts_keys(make):
     assert (change @ k[0]).abs().max() > 1e-3
 
 
-def test_by_default_the_edit_trains_at_the_subjects_last_token():
-    """`positions` defaults to subject_last (the fast tests force `all`). After one Adam step the change
-    to down_proj is ≈ -lr · sign(g) with g = δ xᵀ: rank one, its input direction the sign pattern of
-    down_proj's input x at the subject's last token, and at no other token of the trained sequence."""
-    from editing.tokens import pair_batch
-
-    lm = tiny_llama()
-    down = "model.layers.0.mlp.down_proj.weight"
-    hp = {"layers": [0], "lr": 0.05, "steps": 1, "stop": "none"}  # no `positions`: the default
-    assert resolve_hparams("ft-m", hp).positions == "subject_last"
-    change = edit(lm, [FACT], "ft-m", "ce", hp).delta.change(down)
-    _, s, vh = torch.linalg.svd(change)
-    assert s[1] / s[0] < 0.05
-
-    batch = pair_batch(lm.tokenizer, [(FACT.prompt, FACT.target_new)], subjects=[FACT.subject], subject_last=True)
-    inputs = {}
-    hook = lm.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: inputs.update(x=i[0][0]))
-    with torch.no_grad():
-        lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    hook.remove()
-    cos = [abs(torch.nn.functional.cosine_similarity(vh[0], torch.sign(x), dim=0)).item() for x in inputs["x"]]
-    last = batch.subject_mask[0].nonzero().item()
-    assert cos[last] > 0.99 and max(c for i, c in enumerate(cos) if i != last) < 0.6, (last, cos)
-    everywhere = edit(lm, [FACT], "ft-m", "ce", {**hp, "positions": "all"}).delta.change(down)
-    assert not torch.allclose(everywhere, change, atol=1e-4)
-
-
 def test_deferred_metrics_equal_those_measured_before_the_commit(tmp_path):
     """A worker commits first and measures later (on the version's checked-out weights, locality against
     its parent): the metrics are the ones the inline path measures on the previewed weights."""
@@ -276,3 +249,30 @@ def test_deferred_metrics_equal_those_measured_before_the_commit(tmp_path):
         assert store.fsck().ok
         results[mode] = {k: v for k, v in manifest["metrics"].items() if k != "edit_seconds"}
     assert results["deferred"] == results["inline"] and results["inline"]["reliability"] == 1.0
+
+
+def test_by_default_the_edit_trains_at_the_subjects_last_token():
+    """`positions` defaults to subject_last (the fast tests force `all`). After one Adam step the change
+    to down_proj is ≈ -lr · sign(g) with g = δ xᵀ: rank one, its input direction the sign pattern of
+    down_proj's input x at the subject's last token, and at no other token of the trained sequence."""
+    from editing.tokens import pair_batch
+
+    lm = tiny_llama()
+    down = "model.layers.0.mlp.down_proj.weight"
+    hp = {"layers": [0], "lr": 0.05, "steps": 1, "stop": "none"}  # no `positions`: the default
+    assert resolve_hparams("ft-m", hp).positions == "subject_last"
+    change = edit(lm, [FACT], "ft-m", "ce", hp).delta.change(down)
+    _, s, vh = torch.linalg.svd(change)
+    assert s[1] / s[0] < 0.05
+
+    batch = pair_batch(lm.tokenizer, [(FACT.prompt, FACT.target_new)], subjects=[FACT.subject], subject_last=True)
+    inputs = {}
+    hook = lm.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: inputs.update(x=i[0][0]))
+    with torch.no_grad():
+        lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    hook.remove()
+    cos = [abs(torch.nn.functional.cosine_similarity(vh[0], torch.sign(x), dim=0)).item() for x in inputs["x"]]
+    last = batch.subject_mask[0].nonzero().item()
+    assert cos[last] > 0.99 and max(c for i, c in enumerate(cos) if i != last) < 0.6, (last, cos)
+    everywhere = edit(lm, [FACT], "ft-m", "ce", {**hp, "positions": "all"}).delta.change(down)
+    assert not torch.allclose(everywhere, change, atol=1e-4)
