@@ -52,15 +52,15 @@ OBJECTIVES = ("ce", "overtone", "overtone-kl")
 # takes fact after fact it keeps them (REPORT.md section 3: retention 1.00 after 40 sequential edits,
 # where ft-m kept 0.59), and single edits generalise as well (README "Many facts on one branch").
 DEFAULT_METHOD = "alphaedit"
-# The default reading of OVERTONE, by issue 12's rule (the highest generalization at locality ≥ 0.90 on
-# counterfact-dev 0–999; benchmarks/curves.py, REPORT.md section 7; ties broken by reliability ≥ 0.99,
-# then locality). ft-m, lr 5e-3, 15 steps without early stop, every step measured, n = 28 (records
-# 0–27): overtone-kl at step 13 gave reliability 1.000, generalization 0.286 [0.12, 0.45], locality
-# 0.952 [0.87, 1.00]; today's `overtone` the same generalization there at locality 0.917, and with its
-# own stop rule (8.8 steps) 0.250 at 0.917; ce 0.286 at 0.917 (step 13). Within noise on 28 records,
-# and not better on held-out records (counterfact 1000–1012 locality 0.718 vs overtone's 0.769; zsRE
-# 0–12 generalization 0.840 vs 0.918): see README "Trade-off curves". `overtone` and `ce` stay, named.
-DEFAULT_OBJECTIVE = "overtone-kl"
+# The default reading of OVERTONE. Issue 12's rule (the highest generalization at locality ≥ 0.90 on
+# counterfact-dev 0–999; benchmarks/curves.py, REPORT.md section 7) ties on the dev choice set: ft-m,
+# lr 5e-3, n = 28 (records 0–27), generalization 0.286 [0.12, 0.45] for overtone-kl, overtone and ce
+# at step 13; overtone-kl wins only the locality tie-break (0.952 vs 0.917), at a fixed step its own
+# stop rule does not reproduce. It does not hold on other data: held-out counterfact 1000–1012
+# locality 0.718 vs overtone's 0.769, zsRE 0–12 generalization 0.840 vs 0.918; and with alphaedit
+# (counterfact-dev 500–509) both give 1.000 / 0.333 / 0.95, overtone-kl in 23.6 steps vs 15.7.
+# What holds across datasets wins: `overtone`. `overtone-kl` and `ce` stay, named.
+DEFAULT_OBJECTIVE = "overtone"
 StopRule = Literal["auto", "loss", "clipped", "top1", "none"]
 
 
