@@ -20,7 +20,6 @@ its C0 once). Writes coalesce.json (coalesce-<method>.json with --method).
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import arguments, run_facts, size, write_json  # noqa: E402
+from benchmarks.common import arguments, remove_unless_failed, run_facts, size, write_json  # noqa: E402
 from benchmarks.service import fact_source, model_source  # noqa: E402
 
 # production timings (tests/service.py's Stack uses short test values); nothing else is changed
@@ -143,10 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         ok = True
     finally:
         stack.close()
-        if ok:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"stack folder kept for its logs: {root}", file=sys.stderr)
+        remove_unless_failed(root, ok)
     result["load_average_end"] = os.getloadavg()
     name = f"coalesce-{args.method}.json" if args.method else "coalesce.json"
     write_json(args.out / name, result)

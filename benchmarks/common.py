@@ -8,7 +8,9 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,3 +90,12 @@ def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def remove_unless_failed(root: Path, ok: bool) -> None:
+    """A benchmark's scratch stack folder: removed after a run that finished, kept (and named) for
+    its logs after one that failed."""
+    if ok:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        print(f"stack folder kept for its logs: {root}", file=sys.stderr)

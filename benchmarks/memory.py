@@ -19,7 +19,6 @@ too and lower the workers' PSS of it: the script prints the file mapping's RSS n
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import arguments, run_facts, write_json  # noqa: E402
+from benchmarks.common import arguments, remove_unless_failed, run_facts, write_json  # noqa: E402
 
 MB = 2**20
 
@@ -137,10 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         ok = True
     finally:
         stack.close()
-        if ok:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"stack folder kept for its logs: {root}", file=sys.stderr)
+        remove_unless_failed(root, ok)
     summarize(result)
     print(f"each worker past the first adds {result['added_per_worker_mb']} MB of PSS = "
           f"{result['added_per_worker_share_of_model']} of the model's fp32 size ({result['model_fp32_mb']} MB); "

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +43,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DATA, ROOT, arguments, run_facts, size, write_json  # noqa: E402
+from benchmarks.api_start import time_api_start  # noqa: E402
+from benchmarks.common import DATA, arguments, remove_unless_failed, run_facts, size, write_json  # noqa: E402
 
 # Greedy decoding runs this prompt to the token limit on SmolLM2 ("... located in the city of" stops
 # after 4 tokens, which would measure the prompt more than decoding).
@@ -92,33 +91,6 @@ def model_source(name: str, root: Path) -> tuple[str, dict | None]:
     from tests.tiny import save_tiny, tiny_llama
 
     return str(save_tiny(tiny_llama(), root / "tiny-llama")), TINY_HPARAMS
-
-
-def time_api_start(stack, runs: int) -> list[float]:
-    """Spawn `lmedit api` and poll /health every 5 ms until it answers 200; stop it; repeat."""
-    from tests.service import free_port
-
-    times = []
-    for _ in range(runs):
-        port = free_port()
-        spawned = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "app", "api", "--port", str(port)], cwd=ROOT, env=stack.env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.perf_counter() - spawned > 60 or proc.poll() is not None:
-                    raise RuntimeError(f"lmedit api did not answer /health within 60 s (exit code {proc.poll()})")
-                time.sleep(0.005)
-            times.append(time.perf_counter() - spawned)
-        finally:
-            proc.terminate()
-            proc.wait(15)
-    return times
 
 
 # --- edits -----------------------------------------------------------------------------------
@@ -375,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         key, _ = KeyFile(root / "keys.json").create("edit", "benchmark")
         if not args.only_batching:
-            starts = time_api_start(stack, sizes["api_starts"])
+            starts = time_api_start(stack.env, sizes["api_starts"])
             result["api_start"] = {"median_s": round(statistics.median(starts), 3),
                                    "all_s": [round(s, 3) for s in starts]}
             print(f"api start: median {result['api_start']['median_s']:.2f} s of {starts}", flush=True)
@@ -429,10 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         ok = True
     finally:
         stack.close()
-        if ok:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"stack folder kept for its logs: {root}", file=sys.stderr)
+        remove_unless_failed(root, ok)
     result["load_average_end"] = os.getloadavg()
     write_json(args.out / "service.json", result)
     print(f"wrote {args.out / 'service.json'}")

@@ -198,7 +198,8 @@ def read_keys_and_top(model: torch.nn.Module, module: torch.nn.Module, top: int,
         except _Enough:
             pass
         finally:
-            base.layers = layers if sliceable else base.layers
+            if sliceable:
+                base.layers = layers
             for h in handles:
                 h.remove()
         fact = torch.arange(first, first + len(mask), device=mask.device) % n_facts  # (b,)
