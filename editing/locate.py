@@ -37,6 +37,7 @@ from editing.hparams import EditHparams
 from editing.keys import second_moment
 from editing.methods import _BLOCK, is_conv1d, target_modules
 from editing.model import LoadedModel
+from editing.protected import ProtectedKeys
 from editing.tokens import PairBatch
 
 
@@ -212,42 +213,59 @@ def read_keys_and_top(model: torch.nn.Module, module: torch.nn.Module, top: int,
     return KeyRead(keys / contexts, torch.cat(own), torch.cat(tops)[:n_facts], captured)
 
 
-def null_space_projector(c0: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P (in, in) onto the span of C₀'s eigenvectors whose eigenvalue is below
-    `threshold` · (largest eigenvalue): the directions no generic key uses."""
+def null_space_basis(c0: torch.Tensor, threshold: float) -> torch.Tensor:
+    """U (in, r), orthonormal: C₀'s eigenvectors whose eigenvalue is below `threshold` · (largest
+    eigenvalue), the directions no generic key uses. AlphaEdit's projector is P = U Uᵀ."""
     eigenvalues, vectors = torch.linalg.eigh(c0.double())  # ascending
-    small = vectors[:, eigenvalues < threshold * eigenvalues[-1]]  # (in, r)
-    return (small @ small.T).float()
+    return vectors[:, eigenvalues < threshold * eigenvalues[-1]].float().contiguous()
 
 
-_PROJECTORS: dict[tuple[int, float], torch.Tensor] = {}
+def null_space_projector(c0: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U Uᵀ (in, in), the projector onto C₀'s null space."""
+    U = null_space_basis(c0, threshold)
+    return U @ U.T
+
+
+_BASES: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}  # (id(C₀), threshold) -> (C₀, U)
+
+
+def _basis(c0: torch.Tensor, threshold: float) -> torch.Tensor:
+    key = (id(c0), threshold)
+    if key not in _BASES or _BASES[key][0] is not c0:  # one eigendecomposition per C₀ and threshold, not per edit
+        _BASES[key] = (c0, null_space_basis(c0, threshold))
+    return _BASES[key][1]
 
 
 def solve_update(closed_form: str, keys: torch.Tensor, residuals: torch.Tensor, c0: torch.Tensor,
-                 hp: EditHparams, live_keys: torch.Tensor | None = None) -> LoraFactors:
-    """The closed form for one layer. keys (F, in), residuals (F, out) → factors of ΔW (out, in)."""
-    K = keys.T.double()  # (in, F)
+                 hp: EditHparams, protected: ProtectedKeys | None = None, module: str = "") -> LoraFactors:
+    """The closed form for one layer. keys (F, in), residuals (F, out) → factors of ΔW (out, in).
+    `protected`: alphaedit's K_p, the live facts' keys (their rows for `module`)."""
     if closed_form == "memit":
+        K = keys.T.double()  # (in, F)
         A = hp.mom2_weight * c0.double() + K @ K.T  # (in, in), symmetric
         solved = torch.linalg.solve(A, K)  # (in, F) = A⁻¹ K, so ΔW = R (A⁻¹K)ᵀ
     elif closed_form == "alphaedit":
-        key = (id(c0), hp.nullspace_threshold)
-        if key not in _PROJECTORS:  # one eigendecomposition per C₀ and threshold, not per edit
-            _PROJECTORS[key] = null_space_projector(c0, hp.nullspace_threshold)
-        P = _PROJECTORS[key].double().to(K.device)  # (in, in)
-        C = K @ K.T  # (in, in)
-        if live_keys is not None and len(live_keys):
-            Kp = live_keys.T.double().to(K.device)  # (in, N_p)
-            C = C + Kp @ Kp.T
-        M = P @ C + hp.l2 * torch.eye(len(P), dtype=P.dtype, device=P.device)  # (in, in)
-        solved = torch.linalg.solve(M, P @ K)  # (in, F) = M⁻¹ P K, so ΔWᵀ = M⁻¹ P K Rᵀ
+        # M x = P K with M = P C + α I, C = K₁K₁ᵀ + K_pK_pᵀ and P = U Uᵀ. Its solution lies in P's range:
+        # x = U z with (Uᵀ C U + α I) z = Uᵀ K, an r × r positive definite system. Uᵀ C U = G Gᵀ with
+        # G = Uᵀ K₁ (r, F), and K_p's share kept up to date per branch (editing/protected.py): nothing
+        # in×in is formed per edit, and its cost does not grow with the branch (r·in·F + r²·F + r³/3).
+        U = _basis(c0, hp.nullspace_threshold)  # (in, r), on C₀'s device (the model's)
+        keys = keys.to(U.device)
+        G = U.double().T @ keys.T.double()  # (r, F)
+        gram = G @ G.T  # (r, r)
+        live = protected.gram(module, U) if protected is not None else None
+        if live is not None:
+            gram += live.to(gram.device)
+        gram.diagonal().add_(hp.l2)
+        z = torch.cholesky_solve(G, torch.linalg.cholesky(gram))  # (r, F)
+        solved = U.double() @ z  # (in, F) = M⁻¹ P K, so ΔWᵀ = M⁻¹ P K Rᵀ
     else:
         raise ValueError(f"unknown closed form {closed_form!r}")
     return LoraFactors(A=solved.T.float().contiguous(), B=residuals.T.float().contiguous(), scale=1.0)
 
 
 def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch: PairBatch, n_facts: int,
-                      values: torch.Tensor, live_keys: dict[str, torch.Tensor] | None = None
+                      values: torch.Tensor, live_keys: ProtectedKeys | None = None
                       ) -> tuple[Delta, Memory]:
     """Step 2: write z = `values` (F, H) into the edited projections, bottom to top; each layer
     takes an equal share of what is still missing. The model is left as it was."""
@@ -277,8 +295,7 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
                 # Without a BOS token the own prompt puts the subject at the sequence's start, where
                 # its key differs from the context average (cosine 0.4–0.9 on SmolLM2): write both.
                 keys, residuals = torch.cat([read.keys, read.own_keys]), torch.cat([residuals, residuals])
-            live = None if live_keys is None else live_keys.get(name)
-            f = solve_update(closed_form, keys, residuals, c0[name], hp, live)
+            f = solve_update(closed_form, keys, residuals, c0[name], hp, live_keys, name)
             f.fan_in_fan_out = is_conv1d(modules[name])
             factors[f"{name}.weight"] = f
             with torch.no_grad():  # the layers above see this one's update

@@ -15,6 +15,7 @@ import torch
 
 from editing.ledger import Ledger, LedgerFact
 from editing.locate import Memory
+from editing.protected import ProtectedKeys
 
 _MEMORIES: OrderedDict[tuple[str, str], Memory | None] = OrderedDict()
 _MAX = 4096
@@ -45,15 +46,15 @@ def fact_memory(store, ledger: Ledger, fact: LedgerFact) -> tuple[Memory, int] |
     return memory, row
 
 
-def live_keys(store, ledger: Ledger) -> dict[str, torch.Tensor]:
-    """{module name: (N, in)}: the keys of the live facts, per module that has any (each fact's
-    context-averaged key, and its own prompt's key where the version kept one)."""
-    rows: dict[str, list[torch.Tensor]] = {}
+def live_keys(store, ledger: Ledger) -> ProtectedKeys:
+    """The keys of the live facts, per module that has any (each fact's context-averaged key, and its
+    own prompt's key where the version kept one), by fact id."""
+    rows: dict[str, dict[str, torch.Tensor]] = {}
     for fact in ledger.live:
         found = fact_memory(store, ledger, fact)
         if found is None:
             continue
         memory, row = found
         for m in memory.keys:
-            rows.setdefault(m, []).extend(memory.fact_keys(m, row))
-    return {m: torch.stack(r) for m, r in rows.items()}
+            rows.setdefault(m, {})[fact.fact_id] = torch.stack(memory.fact_keys(m, row))
+    return ProtectedKeys(rows, scope=store.url)

@@ -20,6 +20,7 @@ import torch
 from editing.delta import Delta
 from editing.facts import Fact
 from editing.frozen_layers import skip_frozen_layers
+from editing.frozen_positions import first_acting_position, freeze_prefix
 from editing.hparams import EditHparams, resolve_hparams
 from editing.keys import fact_keys
 from editing.locate import closed_form_delta, default_layers, residual_values
@@ -27,6 +28,7 @@ from editing.methods import first_layer, get_method, only_at, target_modules, tr
 from editing.model import LoadedModel
 from editing.objectives import TokenStats, objective_loss
 from editing.prefixes import context_prefixes
+from editing.protected import ProtectedKeys
 from editing.tokens import PairBatch, pair_batch
 
 
@@ -99,12 +101,12 @@ def edit(
     hparams: EditHparams | dict | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     is_canceled: Callable[[], bool] | None = None,
-    live_keys: dict[str, torch.Tensor] | None = None,
+    live_keys: ProtectedKeys | None = None,
 ) -> EditResult:
     """Train `facts` into the model's weights and return the delta; the model is left unchanged.
 
-    `live_keys` ({module name: (N, in)}): keys of the facts already in effect on the branch,
-    which alphaedit keeps in place (editing/locate.py)."""
+    `live_keys`: keys of the facts already in effect on the branch, which alphaedit keeps in
+    place (editing/protected.py)."""
     if not facts:
         raise ValueError("an edit needs at least one fact")
     m = get_method(method)
@@ -132,24 +134,29 @@ def edit(
                         stopped_early=False, seconds=0.0,
                         target_tokens=tok.convert_ids_to_tokens(batch.labels[own_tokens].tolist()))
     penalty = project = values = None
+    edited = {n: None for n in target_modules(model, hp)}
+    # The lowest block that training runs: the top edited one for a residual value, else the first edited.
+    first = first_layer(edited, top=bool(m.closed_form))
+    everywhere = not m.closed_form and hp.positions == "all"
+    # Positions before the first one the edit acts at never change: cached once, not run per step.
+    frozen = None if everywhere else freeze_prefix(model, first, batch, first_acting_position(batch, everywhere))
+    run = frozen.batch if frozen is not None else batch  # the rows training runs, as the edit's hooks see them
     with ExitStack() as stack:
         if m.closed_form:  # train the residual value δ at the top edited block; ΔW comes after the loop
-            top = first_layer({n: None for n in target_modules(model, hp)}, top=True)
-            params, penalty, project, values = stack.enter_context(residual_values(model, top, batch, own, hp))
-            make_delta, originals, first = None, {}, top
+            params, penalty, project, values = stack.enter_context(residual_values(model, first, run, own, hp))
+            make_delta, originals = None, {}
         else:
             keys = fact_keys(lm, target_modules(model, hp), batch, hp.positions, hp.whiten) if m.along_keys else None
             trained = stack.enter_context(trainable(model, m, hp, keys))
             params, make_delta, originals = trained.params, trained.make_delta, trained.original_weights
             if hp.positions != "all":
-                stack.enter_context(only_at(trained.edited, trained.unedited, batch.subject_mask))
-            first = first_layer(trained.edited)
-        inputs = stack.enter_context(skip_frozen_layers(model, first, batch))
+                stack.enter_context(only_at(trained.edited, trained.unedited, run.subject_mask))
+        inputs = None if frozen is not None else stack.enter_context(skip_frozen_layers(model, first, batch))
         optimizer = torch.optim.Adam(params, lr=hp.lr)
         for step in range(hp.steps + 1):  # the extra pass checks the stop rule after the last step
             if is_canceled is not None and is_canceled():
                 raise EditCanceled(f"edit canceled at step {step}")
-            logits = target_logits(model, batch, inputs)  # (N, V)
+            logits = frozen.logits(model) if frozen is not None else target_logits(model, batch, inputs)  # (N, V)
             loss, stats = objective_loss(objective, logits, batch.labels, hp)
             value = loss.item()
             if not math.isfinite(value):

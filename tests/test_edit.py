@@ -276,3 +276,30 @@ def test_by_default_the_edit_trains_at_the_subjects_last_token():
     assert cos[last] > 0.99 and max(c for i, c in enumerate(cos) if i != last) < 0.6, (last, cos)
     everywhere = edit(lm, [FACT], "ft-m", "ce", {**hp, "positions": "all"}).delta.change(down)
     assert not torch.allclose(everywhere, change, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ft-m", "lora", "alphaedit"])
+def test_running_only_the_positions_an_edit_can_change_gives_the_same_edit(method, monkeypatch, tmp_path):
+    """Positions before the subject's last token are cached once (editing/frozen_positions.py):
+    the losses and the delta come out as when every step runs whole rows."""
+    import editing.frozen_positions as frozen_positions
+    import editing.train as train
+
+    monkeypatch.setenv("LMEDIT_CACHE_DIR", str(tmp_path))
+    lm = tiny_llama(layers=3)
+    fact = Fact("In Paris the Eiffel Tower is in", "Rome", subject="the Eiffel Tower")
+    hp = {"layers": [1], "stop": "none", "steps": 4, "context_prefixes": 2, "c0_tokens": 200}
+    used = []
+
+    def spy(*args):
+        used.append(frozen_positions.freeze_prefix(*args))
+        return used[-1]
+
+    monkeypatch.setattr(train, "freeze_prefix", spy)
+    fast = edit(lm, [fact], method, "overtone", hp)
+    assert used and used[0] is not None and used[0].batch.input_ids.shape[1] < used[0].mask.shape[-1]
+    monkeypatch.setattr(train, "freeze_prefix", lambda *args: None)
+    slow = edit(lm, [fact], method, "overtone", hp)
+    assert fast.losses == pytest.approx(slow.losses, rel=1e-4, abs=1e-5)
+    for name in slow.delta.names():
+        assert torch.allclose(fast.delta.change(name), slow.delta.change(name), rtol=1e-3, atol=1e-5), name

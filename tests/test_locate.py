@@ -135,3 +135,23 @@ def test_the_default_method_needs_a_subject_and_falls_back_without_one():
     assert choose_method("ft-m", [None]) == ("ft-m", None)
     with pytest.raises(ValueError, match="needs each fact's subject"):
         choose_method("alphaedit", [None])
+
+
+def test_the_protected_keys_gram_kept_up_to_date_equals_one_formed_from_scratch():
+    """editing/protected.py adds new facts' terms and subtracts superseded ones between edits."""
+    from editing.protected import ProtectedKeys
+
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(32, 32)).Q[:, :20].contiguous()  # (in, r)
+    keys = {f"f{i}": torch.randn(2, 32) for i in range(30)}
+
+    def scratch(live):
+        return ProtectedKeys({"m": {f: keys[f] for f in live}}).gram("m", basis)
+
+    live = [f"f{i}" for i in range(20)]
+    for step in range(5):  # each edit: one fact added, one superseded
+        got = ProtectedKeys({"m": {f: keys[f] for f in live}}, scope="store-a").gram("m", basis)
+        assert torch.allclose(got, scratch(live), atol=1e-9)
+        live = live[1:] + [f"f{20 + step}"]
+    assert ProtectedKeys({"m": {}}, scope="store-a").gram("m", basis) is None
+    assert ProtectedKeys({"m": {f: keys[f] for f in live}}, scope="store-a").gram("other", basis) is None
