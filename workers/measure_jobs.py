@@ -3,6 +3,7 @@ version without measuring it (time to knowledge: only training stands between th
 new version), then enqueues this job at the front of the edits queue. It measures the version on
 its own checked-out weights, locality against its parent, into the store's metrics record
 (`metrics/<id>.json`, written once); GET /edits/{id} and the version's manifest show them from then on.
+A measurement that fails is recorded there too, as `measure_error`: the edit is no longer pending.
 Workers take generations first, so a generation of the new version never waits for this.
 """
 
@@ -41,8 +42,12 @@ def measure_edit(request: dict) -> dict:
     try:
         measured = engine.session.measure(request["version"])
     except (StoreError, ValueError, KeyError) as e:
-        log.warning("measuring %s failed: %s", request["version"], e)
-        return {"version": request["version"], "error": f"{type(e).__name__}: {e}"}
+        # Recorded as the version's metrics record, so that its edit stops showing `metrics_pending`
+        # and says why instead (a failure of the store itself, writing this, is raised: rq retries).
+        error = f"{type(e).__name__}: {e}"
+        log.warning("measuring %s failed: %s", request["version"], error)
+        engine.session.store.write_metrics(request["version"], {"measure_error": error})
+        return {"version": request["version"], "error": error}
     seconds = round(time.perf_counter() - started, 4)
     log.info("measured %s in %.2f s", request["version"], seconds)
     return {"version": request["version"], "metrics": measured, "seconds": seconds}
