@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DATA, ROOT, arguments, size  # noqa: E402
 
-METHODS = ("ft-m", "ft-l", "lora")
+METHODS = ("ft-m", "ft-l", "lora", "memit", "alphaedit")
 OBJECTIVES = ("overtone", "ce")
 FLUENCY_TOKENS = 32  # per fact; a 100-token generation would triple the cost of a record on CPU
 # dataset name: (file, first record, quick n, full n). counterfact 0-999 were the tuning records.

@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import edit_speed  # noqa: E402
 from benchmarks.common import DATA, append_jsonl, arguments, read_jsonl, save_figure, size  # noqa: E402
 
 FIRST_RECORD = 1000  # counterfact-dev: records 0–999 are for tuning
@@ -144,6 +145,7 @@ def report(results: Path) -> str:
                          f"{r['consolidate_seconds']:.0f} s in all |")
     _plot(curves, results / "sequential.png")
     lines += ["", "![retention, locality and fluency as edits accumulate](sequential.png)", ""]
+    lines += edit_speed.report(results)
     return "\n".join(lines)
 
 

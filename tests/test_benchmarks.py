@@ -16,7 +16,7 @@ import pytest
 from benchmarks.common import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("quality", "hto", "sequential", "batch", "costs", "service", "curves")
+SCRIPTS = ("quality", "hto", "sequential", "edit_speed", "batch", "costs", "service", "curves")
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (DATA / "counterfact-dev.json").exists(),
                                                    reason="../shared/data is not here")]
