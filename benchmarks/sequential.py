@@ -13,6 +13,7 @@ The store lives in results/cache/, so an interrupted run continues from the bran
 
     python benchmarks/sequential.py [--full] [--variants memit,alphaedit] [--objectives overtone,ce]
         [--dataset counterfact|zsre] [--n N] [--every K] [--consolidate]
+    python benchmarks/sequential.py --consolidate-head --variants alphaedit [--threads 2]
 """
 
 from __future__ import annotations
@@ -84,6 +85,39 @@ def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Pat
                   f"in {seconds:.0f} s", flush=True)
 
 
+def consolidate_head(variant: str, objective: str, dataset: str, out: Path, threads: int) -> None:
+    """Consolidate the branch as the run left it (on a copy of its store, so that the run can go on),
+    reusing every stored value, and measure the rebase version on the facts edited so far."""
+    import tempfile
+
+    from editing.facts import read_cases
+    from editing.model import load_model
+    from editing.sequential import Measurer, edits_done
+    from editing.session import EditSession
+    from editing.store import VersionStore
+
+    method, hparams = VARIANTS[variant]
+    name = f"{variant}-{objective}" + ("" if dataset == "counterfact" else f"-{dataset}")
+    lm = load_model("smollm2", device="cpu", threads=threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "store"
+        shutil.copytree(out / "cache" / "sequential" / name, copy, ignore=shutil.ignore_patterns("locks"))
+        session = EditSession(lm, VersionStore.open(str(copy), base_fingerprint=lm.fingerprint))
+        done = edits_done(session, "main")
+        path, offset = {"counterfact": ("counterfact-dev.json", FIRST_RECORD), "zsre": ("zsre-dev.json", 0)}[dataset]
+        facts = [c.facts[0] for c in read_cases(DATA / path, offset=offset, n=done)]
+        t0 = time.perf_counter()
+        outcome = session.rebase("main", method=method, objective=objective, hparams=hparams)
+        seconds = time.perf_counter() - t0
+        point = Measurer(lm, facts).measure(session, outcome.version, facts, [])
+    row = {"variant": variant, "method": method, "objective": objective, "dataset": dataset, **point.to_dict(),
+           "consolidated": True, "consolidate_seconds": seconds, "threads": threads,
+           "reused_values": outcome.metrics.get("reused_values")}
+    append_jsonl(out / "sequential" / f"{name}.jsonl", row)
+    print(f"{name} consolidated at {done}: retention {point.retention:.3f} gen {point.generalization:.3f} "
+          f"loc {point.locality:.3f} in {seconds:.0f} s ({threads} threads)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__)
     parser.add_argument("--objectives", default="overtone")
@@ -92,7 +126,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=20, help="edits between checkpoints (100 past 200)")
     parser.add_argument("--n", type=int, help="edits (default: 100 quick, 1000 full)")
     parser.add_argument("--consolidate", action="store_true", help="after the last edit, consolidate and measure")
+    parser.add_argument("--consolidate-head", action="store_true",
+                        help="edit nothing: consolidate the branch as it stands (on a copy) and measure it")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for --consolidate-head")
     args = parser.parse_args(argv)
+    if args.consolidate_head:
+        for variant in args.variants.split(","):
+            for objective in args.objectives.split(","):
+                consolidate_head(variant, objective, args.dataset, args.out, args.threads)
+        return
     n = args.n or size(args, 100, 1000)
     every = 1 if args.smoke else args.every
     for variant in args.variants.split(","):
