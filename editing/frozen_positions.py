@@ -147,11 +147,8 @@ def freeze_prefix(model: torch.nn.Module, first: int, batch: PairBatch, acts_fro
     return frozen
 
 
-def first_acting_position(batch: PairBatch, everywhere: bool) -> torch.Tensor:
-    """(B,) each row's first position where the edit acts: its first subject-mask position, or 0
-    when the edit acts at every position."""
-    if everywhere:
-        return torch.zeros(len(batch.input_ids), dtype=torch.long, device=batch.input_ids.device)
+def first_acting_position(batch: PairBatch) -> torch.Tensor:
+    """(B,) each row's first position where an edit restricted to the subject mask acts (0 where none is set)."""
     mask = batch.subject_mask
     first = mask.float().argmax(1)  # (B,) first set position (0 when none is set)
     return torch.where(mask.any(1), first, torch.zeros_like(first))

@@ -214,16 +214,10 @@ def read_keys_and_top(model: torch.nn.Module, module: torch.nn.Module, top: int,
 
 
 def null_space_basis(c0: torch.Tensor, threshold: float) -> torch.Tensor:
-    """U (in, r), orthonormal: C₀'s eigenvectors whose eigenvalue is below `threshold` · (largest
+    """U (in, r), orthonormal, float64: C₀'s eigenvectors whose eigenvalue is below `threshold` · (largest
     eigenvalue), the directions no generic key uses. AlphaEdit's projector is P = U Uᵀ."""
     eigenvalues, vectors = torch.linalg.eigh(c0.double())  # ascending
-    return vectors[:, eigenvalues < threshold * eigenvalues[-1]].float().contiguous()
-
-
-def null_space_projector(c0: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P = U Uᵀ (in, in), the projector onto C₀'s null space."""
-    U = null_space_basis(c0, threshold)
-    return U @ U.T
+    return vectors[:, eigenvalues < threshold * eigenvalues[-1]].contiguous()
 
 
 _BASES: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}  # (id(C₀), threshold) -> (C₀, U)
@@ -249,16 +243,16 @@ def solve_update(closed_form: str, keys: torch.Tensor, residuals: torch.Tensor, 
         # x = U z with (Uᵀ C U + α I) z = Uᵀ K, an r × r positive definite system. Uᵀ C U = G Gᵀ with
         # G = Uᵀ K₁ (r, F), and K_p's share kept up to date per branch (editing/protected.py): nothing
         # in×in is formed per edit, and its cost does not grow with the branch (r·in·F + r²·F + r³/3).
-        U = _basis(c0, hp.nullspace_threshold)  # (in, r), on C₀'s device (the model's)
+        U = _basis(c0, hp.nullspace_threshold)  # (in, r) float64, on C₀'s device (the model's)
         keys = keys.to(U.device)
-        G = U.double().T @ keys.T.double()  # (r, F)
+        G = U.T @ keys.T.double()  # (r, F)
         gram = G @ G.T  # (r, r)
         live = protected.gram(module, U) if protected is not None else None
         if live is not None:
             gram += live.to(gram.device)
         gram.diagonal().add_(hp.l2)
         z = torch.cholesky_solve(G, torch.linalg.cholesky(gram))  # (r, F)
-        solved = U.double() @ z  # (in, F) = M⁻¹ P K, so ΔWᵀ = M⁻¹ P K Rᵀ
+        solved = U @ z  # (in, F) = M⁻¹ P K, so ΔWᵀ = M⁻¹ P K Rᵀ
     else:
         raise ValueError(f"unknown closed form {closed_form!r}")
     return LoraFactors(A=solved.T.float().contiguous(), B=residuals.T.float().contiguous(), scale=1.0)

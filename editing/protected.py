@@ -41,16 +41,6 @@ class ProtectedKeys:
     rows: dict[str, dict[str, torch.Tensor]]
     scope: str | None = None
 
-    @classmethod
-    def of(cls, keys: dict[str, torch.Tensor]) -> ProtectedKeys:
-        """From plain stacked keys {module: (N, in)}, a row per fact."""
-        return cls({m: {str(i): k[i:i + 1] for i in range(len(k))} for m, k in keys.items()})
-
-    def stacked(self, module: str) -> torch.Tensor | None:
-        """(N, in), or None when no live fact has a key there."""
-        found = self.rows.get(module)
-        return torch.cat(list(found.values())) if found else None
-
     def gram(self, module: str, basis: torch.Tensor) -> torch.Tensor | None:
         """(r, r) float64: Uᵀ K_p K_pᵀ U for U = `basis` (in, r); None without live keys."""
         live = self.rows.get(module) or {}
@@ -85,5 +75,5 @@ class ProtectedKeys:
 
 
 def _project(basis: torch.Tensor, keys: list[torch.Tensor]) -> torch.Tensor:
-    """(r, n) float64: Uᵀ of the keys' rows, in one product."""
+    """(r, n) float64: Uᵀ of the keys' rows, in one product (no copy of a float64 U)."""
     return basis.double().T @ torch.cat(keys).to(basis.device, torch.float64).T

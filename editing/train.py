@@ -139,7 +139,7 @@ def edit(
     first = first_layer(edited, top=bool(m.closed_form))
     everywhere = not m.closed_form and hp.positions == "all"
     # Positions before the first one the edit acts at never change: cached once, not run per step.
-    frozen = None if everywhere else freeze_prefix(model, first, batch, first_acting_position(batch, everywhere))
+    frozen = None if everywhere else freeze_prefix(model, first, batch, first_acting_position(batch))
     run = frozen.batch if frozen is not None else batch  # the rows training runs, as the edit's hooks see them
     with ExitStack() as stack:
         if m.closed_form:  # train the residual value δ at the top edited block; ΔW comes after the loop
