@@ -12,7 +12,7 @@ model at the head is measured on *all* facts edited so far:
 The store lives in results/cache/, so an interrupted run continues from the branch head.
 
     python benchmarks/sequential.py [--full] [--variants memit,alphaedit] [--objectives overtone,ce]
-        [--dataset counterfact|zsre] [--n N] [--every K] [--consolidate]
+        [--dataset counterfact|zsre] [--n N] [--every K] [--consolidate] [--threads 1]
     python benchmarks/sequential.py --consolidate-head --variants alphaedit [--threads 2]
 """
 
@@ -38,7 +38,8 @@ VARIANTS = {
 }
 
 
-def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Path, consolidate: bool) -> None:
+def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Path, consolidate: bool,
+        threads: int = 1) -> None:
     from editing.facts import read_cases
     from editing.model import load_model
     from editing.sequential import Measurer, run_sequential
@@ -50,14 +51,16 @@ def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Pat
     rows_path = out / "sequential" / f"{name}.jsonl"
     store_dir = out / "cache" / "sequential" / name
     rows = read_jsonl(rows_path)
-    lm = load_model("smollm2", device="cpu", threads=1)
+    lm = load_model("smollm2", device="cpu", threads=threads)
     path, offset = {"counterfact": ("counterfact-dev.json", FIRST_RECORD), "zsre": ("zsre-dev.json", 0)}[dataset]
     facts = [c.facts[0] for c in read_cases(DATA / path, offset=offset, n=n)]
     if not rows and store_dir.exists():
         shutil.rmtree(store_dir)  # no measurement survived: start over
+    # A run that continues its store skips the checkpoints it already wrote; one on a new store
+    # (an earlier run's store is gone) measures afresh, and the report takes the latest row.
+    measured = {r["edits"] for r in rows if not r.get("consolidated")} if store_dir.exists() else set()
     store = VersionStore.open(str(store_dir), base_fingerprint=lm.fingerprint)
     session = EditSession(lm, store)
-    measured = {r["edits"] for r in rows if not r.get("consolidated")}
     started = time.perf_counter()
     def due(edits: int) -> bool:  # every `every` edits up to 200, then every 100
         return edits % (every if edits <= 200 else max(every, 100)) == 0
@@ -65,7 +68,8 @@ def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Pat
     for point in run_sequential(session, facts, every, method, objective, hparams, due=due):
         if point.edits in measured:
             continue
-        row = {"variant": variant, "method": method, "objective": objective, "dataset": dataset, **point.to_dict()}
+        row = {"variant": variant, "method": method, "objective": objective, "dataset": dataset,
+               **point.to_dict(), "threads": threads}
         append_jsonl(rows_path, row)
         print(f"{name} {point.edits:4d} edits: retention {point.retention:.3f} gen {point.generalization:.3f} "
               f"loc {point.locality:.3f} flu {point.fluency:.2f} (base {point.fluency_base:.2f}) "
@@ -128,18 +132,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--consolidate", action="store_true", help="after the last edit, consolidate and measure")
     parser.add_argument("--consolidate-head", action="store_true",
                         help="edit nothing: consolidate the branch as it stands (on a copy) and measure it")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for --consolidate-head")
+    parser.add_argument("--threads", type=int, help="torch threads (default: 1 for edits, 2 for --consolidate-head)")
     args = parser.parse_args(argv)
     if args.consolidate_head:
         for variant in args.variants.split(","):
             for objective in args.objectives.split(","):
-                consolidate_head(variant, objective, args.dataset, args.out, args.threads)
+                consolidate_head(variant, objective, args.dataset, args.out, args.threads or 2)
         return
     n = args.n or size(args, 100, 1000)
     every = 1 if args.smoke else args.every
     for variant in args.variants.split(","):
         for objective in args.objectives.split(","):
-            run(variant, objective, args.dataset, n, every, args.out, args.consolidate)
+            run(variant, objective, args.dataset, n, every, args.out, args.consolidate, args.threads or 1)
 
 
 PEER = "EasyEdit FT-M on SmolLM2, 50 sequential CounterFact edits, re-checked after the last: " \
@@ -164,7 +168,8 @@ def report(results: Path) -> str:
              "measured on *all* facts edited so far: retention = reliability of every fact still in effect, "
              "generalization on their rephrases, locality against the base model's predictions on their locality "
              "prompts, fluency (n-gram entropy) of 32-token continuations of 16 edited prompts beside the base "
-             "model's on the same prompts. s/edit is the edit alone (training + closed form), 1 torch thread.",
+             "model's on the same prompts. s/edit is the edit alone (training + closed form), 1 torch thread "
+             "unless it says otherwise.",
              "", f"Peer: {PEER}", ""]
     if not curves:
         return "\n".join(lines + ["(no results)", ""])
@@ -174,12 +179,15 @@ def report(results: Path) -> str:
     def cell(value, fmt=".3f") -> str:
         return "–" if value is None else format(value, fmt)
 
+    def threads_note(r: dict) -> str:
+        return "" if r.get("threads", 1) == 1 else f" ({r['threads']} threads)"
+
     for name, rows in curves.items():
         for r in rows:
             base = f" ({r['fluency_base']:.2f})" if r.get("fluency_base") is not None else ""
             lines.append(f"| {name} | {r['edits']} | {cell(r['retention'])} | {cell(r['generalization'])} | "
                          f"{cell(r['locality'])} | {cell(r['fluency'], '.2f')}{base} | "
-                         f"{cell(r.get('seconds_per_edit'), '.2f')} |")
+                         f"{cell(r.get('seconds_per_edit'), '.2f')}{threads_note(r)} |")
         if name in consolidated:
             r = consolidated[name]
             lines.append(f"| {name}, consolidated | {r['edits']} | {cell(r['retention'])} | "

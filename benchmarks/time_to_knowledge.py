@@ -4,7 +4,7 @@ the new answer, on the real stack, with where the seconds went.
 A real stack on this machine: valkey-server (AOF, fsync always), one `lmedit worker` (generate,edits;
 LMEDIT_THREADS torch threads, 1 by default) and `lmedit api` under uvicorn, over HTTP. Each run edits
 one counterfactual into a new branch made from base (so the answer is new), with the default method
-and objective (ft-m + OVERTONE, default hparams), then:
+and objective (editing/hparams.py: alphaedit + OVERTONE, default hparams; `method` in the JSON), then:
 
 - polls `GET /edits/{id}` every 20 ms until it succeeds (its version is live; metrics still pending),
 - then `GET /generate?version=<id>&max_new_tokens=N` (greedy) until the text starts with the target
@@ -95,7 +95,7 @@ def one_run(client: httpx.Client, i: int, fact: tuple[str, str, str], tokens: in
         "client_side_edit_s": (seen - start) - sum(worker.values()), "generate_s": answered - seen,
         "generate_worker_s": worker_generate,
         "training_s": worker.get("training"), "metrics_after_s": metrics_at,
-        "metrics": done.get("metrics"),
+        "metrics": done.get("metrics"), "method": state.get("method"),
     }
 
 
@@ -144,7 +144,8 @@ def main() -> None:
 
     phases = sorted({k for r in runs for k in r["worker_timings"]})
     result = {
-        "model": args.model, "threads": args.threads, "max_new_tokens": args.tokens, "runs": runs,
+        "model": args.model, "method": sorted({str(r["method"]) for r in runs}), "threads": args.threads,
+        "max_new_tokens": args.tokens, "runs": runs,
         "p50_total_s": p50("total_s"), "p50_training_s": p50("training_s"),
         "p50_over_training_s": round(statistics.median(r["total_s"] - r["training_s"] for r in runs), 3),
         "generate_from_base_p50_s": round(statistics.median(floor), 3),
