@@ -62,7 +62,10 @@ class Settings(BaseSettings):
     # queued edits of one branch a worker applies together as one version (workers/coalesce.py): at most
     # this many facts (fine-tuning methods; ft-m batches work up to about 8), 1: never
     edit_coalesce_max_facts: int = 8
-    edit_coalesce_max_facts_locate: int = 32  # the same for memit / alphaedit (closed form: many at once)
+    # memit / alphaedit: 1 (not coalesced). A batch trains until its slowest fact's value is done: 32
+    # alphaedit edits coalesced took 1.22x the time of 32 single ones on CPU (benchmarks/coalesce.py).
+    # Raise it where a batch step costs about what one fact's does (a GPU; not measured here).
+    edit_coalesce_max_facts_locate: int = 1
 
 
 @lru_cache

@@ -109,17 +109,18 @@ def one_run(client: httpx.Client, branch: str, facts: list[dict], hparams: dict 
 def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__)
     parser.add_argument("--model", default="smollm2", help="smollm2 (embedded), tiny (the tests' model) or a path")
-    parser.add_argument("--method", default=None, help="edit method (default: the server's, ft-m); e.g. memit")
+    parser.add_argument("--method", default=None, help="edit method (default: the server's DEFAULT_METHOD)")
     args = parser.parse_args(argv)
     n = size(args, 100, 100, smoke=6)
 
     from app.auth import KeyFile
+    from editing.hparams import DEFAULT_METHOD
     from tests.service import Stack
 
     root = Path(tempfile.mkdtemp(prefix="lmedit-bench-coalesce-"))
     model, hparams = model_source(args.model, root)
     facts_from, facts = fact_source(2 * n + 1)
-    result = {"run": run_facts(), "model": args.model, "method": args.method or "ft-m (default)",
+    result = {"run": run_facts(), "model": args.model, "method": args.method or f"{DEFAULT_METHOD} (default)",
               "facts": facts_from, "edits": n, "hparams": hparams,
               "threads": 1, "load_average_start": os.getloadavg()}
     stack = Stack(root, model, env=STACK_ENV | {"LMEDIT_THREADS": "1"})
