@@ -130,8 +130,7 @@ def rebase(lm: LoadedModel, store, ledger: Ledger, method: str, objective: str, 
         batch = pair_batch(lm.tokenizer, pairs, subjects=subjects, subject_last=True).to(lm.device)
         if on_progress is not None:
             on_progress("closed form", 0, 1)
-        delta, memory = closed_form_delta(lm, spec.closed_form, hp, batch, len(facts), z.to(lm.device),
-                                          facts=facts)
+        delta, memory = closed_form_delta(lm, spec.closed_form, hp, batch, len(facts), z.to(lm.device))
         delta = compact(delta)
         delta.memory = memory.to_tensors()
     for version in kept:  # their own changes, summed in history order

@@ -121,13 +121,6 @@ class EditHparams(BaseModel):
         "norm of the hidden state it is added to.",
     )
     value_decay: float = Field(0.5, ge=0, le=100.0, description="Locate-then-edit: weight decay of δ, ‖δ‖²/‖h‖².")
-    template_subjects: int = Field(
-        0, ge=0, le=32, description="Locate-then-edit: keep in place the keys of this many other subjects put in "
-        "each fact's prompt template (same-relation neighbours; editing/template_keys.py). 0 = off.",
-    )
-    template_weight: float = Field(
-        1.0, gt=0, le=1e4, description="Locate-then-edit: weight of those template keys in the closed form.",
-    )
     c0_source: str = Field(
         "builtin", max_length=1000, description="Text for C₀ = E[k kᵀ]: 'builtin' (ships with lmedit) or a path to a "
         "text file or folder of .txt files (e.g. WikiText-2); part of C₀'s cache key.",

@@ -32,14 +32,12 @@ from typing import NamedTuple
 import torch
 
 from editing.delta import Delta, LoraFactors
-from editing.facts import Fact
 from editing.frozen_layers import SLICEABLE
 from editing.hparams import EditHparams
 from editing.keys import second_moment
 from editing.methods import _BLOCK, is_conv1d, target_modules
 from editing.model import LoadedModel
 from editing.protected import ProtectedKeys
-from editing.template_keys import template_keys
 from editing.tokens import PairBatch
 
 
@@ -233,16 +231,12 @@ def _basis(c0: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def solve_update(closed_form: str, keys: torch.Tensor, residuals: torch.Tensor, c0: torch.Tensor,
-                 hp: EditHparams, protected: ProtectedKeys | None = None, module: str = "",
-                 kept: torch.Tensor | None = None) -> LoraFactors:
+                 hp: EditHparams, protected: ProtectedKeys | None = None, module: str = "") -> LoraFactors:
     """The closed form for one layer. keys (F, in), residuals (F, out) → factors of ΔW (out, in).
-    `protected`: alphaedit's K_p, the live facts' keys (their rows for `module`). `kept` (N, in): more keys
-    to keep in place, weighted `hp.template_weight` (other subjects in the facts' templates)."""
+    `protected`: alphaedit's K_p, the live facts' keys (their rows for `module`)."""
     if closed_form == "memit":
         K = keys.T.double()  # (in, F)
         A = hp.mom2_weight * c0.double() + K @ K.T  # (in, in), symmetric
-        if kept is not None:
-            A += hp.template_weight * kept.T.double() @ kept.double()
         solved = torch.linalg.solve(A, K)  # (in, F) = A⁻¹ K, so ΔW = R (A⁻¹K)ᵀ
     elif closed_form == "alphaedit":
         # M x = P K with M = P C + α I, C = K₁K₁ᵀ + K_pK_pᵀ and P = U Uᵀ. Its solution lies in P's range:
@@ -256,9 +250,6 @@ def solve_update(closed_form: str, keys: torch.Tensor, residuals: torch.Tensor, 
         live = protected.gram(module, U) if protected is not None else None
         if live is not None:
             gram += live.to(gram.device)
-        if kept is not None:
-            Gk = U.T @ kept.to(U.device).T.double()  # (r, N)
-            gram += hp.template_weight * Gk @ Gk.T
         gram.diagonal().add_(hp.l2)
         z = torch.cholesky_solve(G, torch.linalg.cholesky(gram))  # (r, F)
         solved = U @ z  # (in, F) = M⁻¹ P K, so ΔWᵀ = M⁻¹ P K Rᵀ
@@ -268,11 +259,10 @@ def solve_update(closed_form: str, keys: torch.Tensor, residuals: torch.Tensor, 
 
 
 def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch: PairBatch, n_facts: int,
-                      values: torch.Tensor, live_keys: ProtectedKeys | None = None, facts: list[Fact] | None = None
+                      values: torch.Tensor, live_keys: ProtectedKeys | None = None
                       ) -> tuple[Delta, Memory]:
     """Step 2: write z = `values` (F, H) into the edited projections, bottom to top; each layer
-    takes an equal share of what is still missing. The model is left as it was. `facts` (the batch's
-    first F rows' facts) are needed only for `hp.template_subjects`."""
+    takes an equal share of what is still missing. The model is left as it was."""
     model = lm.model
     modules = target_modules(model, hp)
     order = sorted(modules, key=block_of)
@@ -284,7 +274,6 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
     factors: dict[str, LoraFactors] = {}
     first_keys: dict[str, torch.Tensor] = {}
     first_own: dict[str, torch.Tensor] = {}
-    kept = template_keys(lm, modules, facts, hp.template_subjects) if hp.template_subjects else {}
     try:
         inputs, start = None, 0
         contexts = len(batch.input_ids) // n_facts
@@ -300,7 +289,7 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
                 # Without a BOS token the own prompt puts the subject at the sequence's start, where
                 # its key differs from the context average (cosine 0.4–0.9 on SmolLM2): write both.
                 keys, residuals = torch.cat([read.keys, read.own_keys]), torch.cat([residuals, residuals])
-            f = solve_update(closed_form, keys, residuals, c0[name], hp, live_keys, name, kept.get(name))
+            f = solve_update(closed_form, keys, residuals, c0[name], hp, live_keys, name)
             f.fan_in_fan_out = is_conv1d(modules[name])
             factors[f"{name}.weight"] = f
             with torch.no_grad():  # the layers above see this one's update

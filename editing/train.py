@@ -183,7 +183,7 @@ def edit(
         delta = make_delta() if make_delta is not None else None
         z = values() if values is not None else None
     if m.closed_form:  # with the full model back: the closed form reads keys below the top block
-        delta, memory = closed_form_delta(lm, m.closed_form, hp, batch, own, z, live_keys, facts)
+        delta, memory = closed_form_delta(lm, m.closed_form, hp, batch, own, z, live_keys)
         delta.memory = memory.to_tensors()
     bad = [n for n in delta.names() if not torch.isfinite(delta.change(n)).all()]
     if bad:

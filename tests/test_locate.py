@@ -30,36 +30,6 @@ def test_closed_form_writes_each_key_to_its_value():
         assert torch.allclose(written, residuals, atol=1e-3), form
 
 
-def test_kept_keys_move_less_and_the_facts_keys_are_still_written():
-    """`template_subjects`' keys enter the closed form as keys to keep in place, weighted."""
-    torch.manual_seed(0)
-    keys, residuals = torch.randn(2, 64), torch.randn(2, 32)  # (F, in), (F, out)
-    kept = torch.randn(8, 64)  # (N, in): other subjects in the facts' templates
-    u = torch.linalg.qr(torch.randn(64, 64)).Q
-    c0 = u @ torch.diag(torch.cat([torch.ones(16), torch.zeros(48)])) @ u.T
-    for form, hp in [("memit", {"mom2_weight": 1e-6}), ("alphaedit", {"l2": 1e-6})]:
-        moved = []
-        for weight in (None, 1.0, 100.0):
-            f = solve_update(form, keys, residuals, c0, resolve_hparams(form, {**hp, "template_weight": weight or 1}),
-                             kept=kept if weight else None)
-            moved.append(float((kept @ f.dense().T).norm()))
-            written = keys @ f.dense().T  # (F, out)
-            assert torch.allclose(written, residuals, atol=0.05 * residuals.norm(dim=-1).max()), (form, weight)
-        assert moved[1] < moved[0] / 5 and moved[2] <= moved[1] * 1.01 + 1e-6, (form, moved)
-
-
-def test_template_prompts_put_other_subjects_in_the_facts_place():
-    from editing.template_keys import OTHER_SUBJECTS, template_prompts
-
-    fact = Fact("The mother tongue of Danielle Darrieux is", "English", subject="Danielle Darrieux")
-    assert template_prompts(fact, 2) == [("The mother tongue of Barack Obama is", "Barack Obama"),
-                                         ("The mother tongue of Paris is", "Paris")]
-    opening = Fact("paris is the capital of", "Italy", subject="paris")  # the fact's own subject is skipped
-    prompts = template_prompts(opening, len(OTHER_SUBJECTS))
-    assert len(prompts) == len(OTHER_SUBJECTS) - 1 and all(s != "Paris" for _, s in prompts)
-    assert ("The Amazon River is the capital of", "The Amazon River") in prompts  # capitalised at the start
-
-
 def test_alphaedit_leaves_generic_keys_in_place(tmp_path, monkeypatch):
     monkeypatch.setenv("LMEDIT_CACHE_DIR", str(tmp_path))
     lm = tiny_llama(layers=4)
