@@ -8,17 +8,20 @@ a short one). This times the edit alone (training and closed form, 1 torch threa
   protected set, as the next edit on a growing branch sees it (the warm, incremental case), and the
   first edit on the long branch is reported apart (a cold worker builds the Gram once);
 - the same edits with every step running whole rows (editing/frozen_positions.py off): the
-  baseline of the frozen prefix, in the same run.
+  baseline of the frozen prefix, in the same run;
+- with `--also JSON`, the same edits on the short branch with those hparams on top of the
+  defaults (a candidate setting, e.g. '{"lr": 1.0}'), timed in the same run.
 
 The live facts' keys are drawn from N(0, C₀), a key distribution like generic text's: the cost
 depends on their number, not their values. Edits alternate between the settings, so that
 drifting load touches each alike.
 
-    python benchmarks/edit_speed.py [--edits N] [--threads 1]
+    python benchmarks/edit_speed.py [--edits N] [--threads 1] [--also '{"lr": 1.0}']
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -36,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__)
     parser.add_argument("--edits", type=int, default=4, help="timed edits per setting")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--also", type=json.loads, default=None,
+                        help="JSON hparams: also time the short branch's edits with these on top of the defaults")
     args = parser.parse_args(argv)
     import torch
 
@@ -76,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     train.edit(lm, [facts[0]], method="alphaedit", hparams=overrides, live_keys=branches[long])
     cold = time.perf_counter() - t  # includes building the long branch's Gram once
     seconds: dict[str, list[float]] = {f"branch {s}": [] for s in sizes} | {f"whole rows, branch {short}": []}
+    also = f"{json.dumps(args.also, sort_keys=True)}, branch {short}" if args.also else None
+    if also:
+        seconds[also] = []
     steps: dict[str, list[int]] = {k: [] for k in seconds}
     for i, fact in enumerate(facts[1:]):
         for size in sizes:
@@ -83,9 +91,10 @@ def main(argv: list[str] | None = None) -> None:
                 branches[size].rows[m][f"new-{i}"] = k
         for name in seconds:
             size = int(name.rsplit(" ", 1)[1])
-            train.freeze_prefix = frozen if name.startswith("branch") else (lambda *a: None)
+            train.freeze_prefix = (lambda *a: None) if name.startswith("whole rows") else frozen
+            hparams = overrides | (args.also if name == also else {})
             try:
-                r = train.edit(lm, [fact], method="alphaedit", hparams=overrides, live_keys=branches[size])
+                r = train.edit(lm, [fact], method="alphaedit", hparams=hparams, live_keys=branches[size])
             finally:
                 train.freeze_prefix = frozen
             seconds[name].append(r.seconds)
@@ -97,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         "median_s": median, "cold_first_edit_on_1000_s": cold,
         "ratio_1000_to_10": median[f"branch {long}"] / median[f"branch {short}"],
         "speedup_of_frozen_prefix": median[f"whole rows, branch {short}"] / median[f"branch {short}"],
+        "also": {"hparams": args.also, "ratio_to_defaults": median[also] / median[f"branch {short}"],
+                 "mean_steps": statistics.mean(steps[also]),
+                 "mean_steps_defaults": statistics.mean(steps[f"branch {short}"])} if also else None,
         "note": "live facts' keys drawn from N(0, C0); 1 torch thread; the edit alone (training + closed form)",
     }
     print({k: v for k, v in result.items() if k not in ("seconds", "steps")})
@@ -105,19 +117,22 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(results: Path = RESULTS) -> list[str]:
-    import json
-
     path = results / "edit_speed.json"
     if not path.exists():
         return []
     r = json.loads(path.read_text())
     m = r["median_s"]
-    return [f"Seconds per alphaedit edit (`benchmarks/edit_speed.py`, {r['threads']} torch thread, the edit alone, "
-            f"median of {r['edits']}): {m['branch 10']:.2f} s on a branch of 10 live facts, "
+    line = (f"Seconds per alphaedit edit (`benchmarks/edit_speed.py`, {r['threads']} torch thread, the edit alone, "
+            f"median of {r['edits']}, {r['cpu']}): {m['branch 10']:.2f} s on a branch of 10 live facts, "
             f"{m['branch 1000']:.2f} s on a branch of 1,000 (ratio {r['ratio_1000_to_10']:.2f}; the first edit "
             f"of a cold worker there {r['cold_first_edit_on_1000_s']:.2f} s); every step on whole rows instead "
             f"of the frozen prefix: {m['whole rows, branch 10']:.2f} s ({r['speedup_of_frozen_prefix']:.2f}× "
-            "slower).", ""]
+            "slower).")
+    if r.get("also"):
+        a = r["also"]
+        line += (f" With {json.dumps(a['hparams'])} on top of the defaults: {a['ratio_to_defaults']:.2f}× the "
+                 f"defaults' time ({a['mean_steps']:.1f} value steps against {a['mean_steps_defaults']:.1f}).")
+    return [line, ""]
 
 
 if __name__ == "__main__":
