@@ -18,6 +18,7 @@ The store lives in results/cache/, so an interrupted run continues from the bran
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -80,7 +81,7 @@ def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Pat
             t0 = time.perf_counter()
             outcome = session.rebase("main", method=method, objective=objective, hparams=hparams)
             seconds = time.perf_counter() - t0
-            point = Measurer(lm, facts).measure(session, outcome.version, facts, [])
+            point = Measurer(session, facts).measure(session, outcome.version, facts, [])
             row = {"variant": variant, "method": method, "objective": objective, "dataset": dataset,
                    **point.to_dict(), "consolidated": True, "consolidate_seconds": seconds,
                    "reused_values": outcome.metrics.get("reused_values")}
@@ -89,9 +90,12 @@ def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Pat
                   f"in {seconds:.0f} s", flush=True)
 
 
-def consolidate_head(variant: str, objective: str, dataset: str, out: Path, threads: int) -> None:
+def consolidate_head(variant: str, objective: str, dataset: str, out: Path, threads: int,
+                     overrides: dict | None = None, method: str | None = None) -> None:
     """Consolidate the branch as the run left it (on a copy of its store, so that the run can go on),
-    reusing every stored value, and measure the rebase version on the facts edited so far."""
+    reusing every stored value, and measure the rebase version on the facts edited so far.
+    `overrides`, `method`: hparams and a closed form to consolidate with instead of the run's (a tuning
+    row, kept apart from the run's)."""
     import tempfile
 
     from editing.facts import read_cases
@@ -100,7 +104,10 @@ def consolidate_head(variant: str, objective: str, dataset: str, out: Path, thre
     from editing.session import EditSession
     from editing.store import VersionStore
 
-    method, hparams = VARIANTS[variant]
+    run_method, hparams = VARIANTS[variant]
+    hparams = {**hparams, **(overrides or {})}
+    tuning = {**({"method": method} if method else {}), **(overrides or {})}
+    method = method or run_method
     name = f"{variant}-{objective}" + ("" if dataset == "counterfact" else f"-{dataset}")
     lm = load_model("smollm2", device="cpu", threads=threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,11 +120,15 @@ def consolidate_head(variant: str, objective: str, dataset: str, out: Path, thre
         t0 = time.perf_counter()
         outcome = session.rebase("main", method=method, objective=objective, hparams=hparams)
         seconds = time.perf_counter() - t0
-        point = Measurer(lm, facts).measure(session, outcome.version, facts, [])
+        point = Measurer(session, facts).measure(session, outcome.version, facts, [])
     row = {"variant": variant, "method": method, "objective": objective, "dataset": dataset, **point.to_dict(),
            "consolidated": True, "consolidate_seconds": seconds, "threads": threads,
-           "reused_values": outcome.metrics.get("reused_values")}
-    append_jsonl(out / "sequential" / f"{name}.jsonl", row)
+           "reused_values": outcome.metrics.get("reused_values"), **({"hparams": overrides} if overrides else {})}
+    rows = out / "sequential" / f"{name}.jsonl"
+    if tuning:
+        tag = "-".join(f"{k}-{v}" for k, v in tuning.items())
+        rows = out / "sequential-tuning" / f"consolidate-{name}-{tag}.jsonl"
+    append_jsonl(rows, row)
     print(f"{name} consolidated at {done}: retention {point.retention:.3f} gen {point.generalization:.3f} "
           f"loc {point.locality:.3f} in {seconds:.0f} s ({threads} threads)", flush=True)
 
@@ -133,11 +144,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--consolidate-head", action="store_true",
                         help="edit nothing: consolidate the branch as it stands (on a copy) and measure it")
     parser.add_argument("--threads", type=int, help="torch threads (default: 1 for edits, 2 for --consolidate-head)")
+    parser.add_argument("--hparams", type=json.loads, default=None,
+                        help="--consolidate-head: these hparams on top (rows go to sequential-tuning/)")
+    parser.add_argument("--method", choices=["memit", "alphaedit"],
+                        help="--consolidate-head: solve with this closed form instead (rows go to sequential-tuning/)")
     args = parser.parse_args(argv)
     if args.consolidate_head:
         for variant in args.variants.split(","):
             for objective in args.objectives.split(","):
-                consolidate_head(variant, objective, args.dataset, args.out, args.threads or 2)
+                consolidate_head(variant, objective, args.dataset, args.out, args.threads or 2, args.hparams,
+                                 args.method)
         return
     n = args.n or size(args, 100, 1000)
     every = 1 if args.smoke else args.every

@@ -121,6 +121,11 @@ class EditHparams(BaseModel):
         "norm of the hidden state it is added to.",
     )
     value_decay: float = Field(0.5, ge=0, le=100.0, description="Locate-then-edit: weight decay of δ, ‖δ‖²/‖h‖².")
+    fact_keys: Literal["both", "context", "own"] = Field(
+        "both", description="Locate-then-edit: the keys each fact is written along and, on a branch, kept in "
+        "place by alphaedit: 'context' (its key averaged over its prompt and the context prefixes), 'own' (its "
+        "prompt's key alone) or 'both' (two keys per fact: half the room in C₀'s null space).",
+    )
     c0_source: str = Field(
         "builtin", max_length=1000, description="Text for C₀ = E[k kᵀ]: 'builtin' (ships with lmedit) or a path to a "
         "text file or folder of .txt files (e.g. WikiText-2); part of C₀'s cache key.",

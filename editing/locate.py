@@ -71,9 +71,9 @@ def _replace_hidden(out, hidden: torch.Tensor):
 class Memory:
     """What a locate-then-edit version keeps per fact (rows in the order of its facts)."""
 
-    keys: dict[str, torch.Tensor]  # module name -> (F, in), each fact's key averaged over its contexts
+    keys: dict[str, torch.Tensor]  # module name -> (F, in), the key each fact was written along (`fact_keys`)
     values: torch.Tensor  # (F, H) z: the hidden state the top edited block should give at the subject
-    own_keys: dict[str, torch.Tensor] = field(default_factory=dict)  # (F, in) in the own prompt alone
+    own_keys: dict[str, torch.Tensor] = field(default_factory=dict)  # (F, in) its second key (`fact_keys` "both")
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {"values": self.values, **{f"keys:{n}": k for n, k in self.keys.items()},
@@ -284,8 +284,8 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
             inputs, start = read.inputs, block_of(name)
             first_keys[name], first_own[name] = read.keys, read.own_keys
             residuals = (values.to(read.top.device) - read.top) / (len(order) - i)  # (F, H)
-            keys = read.keys
-            if contexts > 1:
+            keys = read.own_keys if hp.fact_keys == "own" else read.keys
+            if contexts > 1 and hp.fact_keys == "both":
                 # Without a BOS token the own prompt puts the subject at the sequence's start, where
                 # its key differs from the context average (cosine 0.4–0.9 on SmolLM2): write both.
                 keys, residuals = torch.cat([read.keys, read.own_keys]), torch.cat([residuals, residuals])
@@ -298,6 +298,8 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
     finally:
         for n, w in originals.items():
             modules[n].weight.data = w
-    memory = Memory(keys={n: k.cpu() for n, k in first_keys.items()}, values=values.cpu(),
-                    own_keys={n: k.cpu() for n, k in first_own.items()} if contexts > 1 else {})
+    written = first_own if hp.fact_keys == "own" else first_keys
+    memory = Memory(keys={n: k.cpu() for n, k in written.items()}, values=values.cpu(),
+                    own_keys={n: k.cpu() for n, k in first_own.items()}
+                    if contexts > 1 and hp.fact_keys == "both" else {})
     return Delta(lora=factors), memory

@@ -24,7 +24,6 @@ from editing.facts import Fact
 from editing.generate import generate
 from editing.hparams import choose_method
 from editing.ledger import identity
-from editing.model import LoadedModel
 from editing.session import EditSession
 
 JOB_PREFIX = "seq-"
@@ -67,8 +66,10 @@ def in_effect(facts: list[Fact]) -> list[Fact]:
 class Measurer:
     """The base model's answers, read once, and the checkpoint metrics against them."""
 
-    def __init__(self, lm: LoadedModel, facts: list[Fact]):
-        self.lm = lm
+    def __init__(self, session: EditSession, facts: list[Fact]):
+        self.lm = lm = session.lm
+        # Whatever the session holds now (a branch head, a rebase just made), the reference is base.
+        session.checkout("base")
         self.before = metrics.snapshot(lm, facts)  # base predictions on every locality probe
         self.index = {id(f): i for i, f in enumerate(facts)}
         self.fluency_base: dict[int, float] = {}
@@ -94,6 +95,7 @@ class Measurer:
         live = in_effect(edited)
         sample = self.fluency_sample(live)
         base_fluency = self.base_fluency(session, sample, head)
+        session.checkout(head)  # measured at `head`, wherever the session was
         rel = metrics.accuracy(lm, [(f.prompt, f.target_new) for f in live])
         gen = metrics.accuracy(lm, [(p, f.target_new) for f in live for p in f.rephrase_prompts])
         rows = [self.index[id(f)] for f in live]
@@ -131,7 +133,7 @@ def run_sequential(
     if done > len(facts):
         raise ValueError(f"branch {branch!r} already holds {done} edits of this sequence, more than the "
                          f"{len(facts)} records given")
-    measurer = Measurer(session.lm, facts)
+    measurer = Measurer(session, facts)
     head = session.checkout(branch)
     seconds: list[float] = []
     if done == len(facts) and done:

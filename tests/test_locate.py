@@ -155,3 +155,40 @@ def test_the_protected_keys_gram_kept_up_to_date_equals_one_formed_from_scratch(
         live = live[1:] + [f"f{20 + step}"]
     assert ProtectedKeys({"m": {}}, scope="store-a").gram("m", basis) is None
     assert ProtectedKeys({"m": {f: keys[f] for f in live}}, scope="store-a").gram("other", basis) is None
+
+
+def test_sequential_locality_is_measured_against_base_after_a_rebase(tmp_path, monkeypatch):
+    """A rebase leaves the session at the new version; the Measurer still reads base's answers."""
+    from editing import metrics
+    from editing.facts import Probe
+    from editing.sequential import Measurer
+
+    s = _session(tmp_path, monkeypatch)
+    prompt = "The capital of Japan is"
+    fact = Fact(prompt, "Rome", subject="Japan", locality_prompts=[Probe(prompt, " Rome")])
+    s.edit([fact], method="alphaedit", hparams={**FAST, "steps": 20})
+    made = s.rebase("main", method="alphaedit", hparams={**FAST, "steps": 20})
+    edited = metrics.snapshot(s.lm, [fact]).predicted  # the session holds the rebase
+    base = metrics.snapshot(tiny_llama(layers=4), [fact]).predicted
+    assert edited != base  # the probe does move: a snapshot taken at the rebase would differ from base
+
+    measurer = Measurer(s, [fact])
+    assert measurer.before.predicted == base
+    point = measurer.measure(s, made.version, [fact], [])
+    assert point.locality < 1.0  # measured at the rebase, against base
+
+
+def test_fact_keys_choose_the_keys_each_fact_is_written_along(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMEDIT_CACHE_DIR", str(tmp_path))
+    lm = tiny_llama(layers=4)
+    fact = Fact("The capital of Japan is", "Rome", subject="Japan")
+    memory = {mode: edit(lm, [fact], method="alphaedit", hparams={**FAST, "fact_keys": mode}).delta.memory
+              for mode in ("both", "own", "context")}
+    bottom = sorted(k for k in memory["both"] if k.startswith("keys:"))[0].split(":", 1)[1]
+    assert any(k.startswith("own_keys:") for k in memory["both"])
+    for mode in ("own", "context"):  # one key per fact: nothing else to keep in place on a branch
+        assert not any(k.startswith("own_keys:") for k in memory[mode])
+    # the bottom block's keys are read on the unedited model: the same in every mode
+    assert torch.equal(memory["own"][f"keys:{bottom}"], memory["both"][f"own_keys:{bottom}"])
+    assert torch.equal(memory["context"][f"keys:{bottom}"], memory["both"][f"keys:{bottom}"])
+    assert not torch.equal(memory["own"][f"keys:{bottom}"], memory["context"][f"keys:{bottom}"])
