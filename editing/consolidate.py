@@ -32,7 +32,9 @@ from editing.ledger import Ledger, LedgerFact
 from editing.locate import closed_form_delta, default_layers
 from editing.memory import fact_memory
 from editing.model import LoadedModel
+from editing.neighbours import neighbours_of, prompt_of
 from editing.prefixes import context_prefixes
+from editing.protected import ProtectedKeys
 from editing.tokens import pair_batch
 from editing.train import EditError, edit
 
@@ -122,17 +124,9 @@ def rebase(lm: LoadedModel, store, ledger: Ledger, method: str, objective: str, 
     reused = 0
     if solve:
         z, reused = values_for(lm, store, ledger, solve, method, objective, hp, on_progress)
-        facts = [Fact.from_dict(f.fact) for f in solve]
-        pairs = [(f.prompt, f.target_new) for f in facts]
-        for prefix in context_prefixes(lm, hp.context_prefixes):
-            pairs += [(f"{prefix}. {f.prompt}", f.target_new) for f in facts]
-        subjects = [f.subject for f in facts] * (len(pairs) // len(facts))
-        batch = pair_batch(lm.tokenizer, pairs, subjects=subjects, subject_last=True).to(lm.device)
         if on_progress is not None:
             on_progress("closed form", 0, 1)
-        delta, memory = closed_form_delta(lm, spec.closed_form, hp, batch, len(facts), z.to(lm.device))
-        delta = compact(delta)
-        delta.memory = memory.to_tensors()
+        delta = solve_together(lm, [Fact.from_dict(f.fact) for f in solve], z, spec.closed_form, hp, store.url)
     for version in kept:  # their own changes, summed in history order
         delta = add(delta, store.load_delta(version))
     if not torch.isfinite(torch.stack([delta.change(n).abs().max() for n in delta.names()] or [torch.zeros(())])).all():
@@ -141,6 +135,25 @@ def rebase(lm: LoadedModel, store, ledger: Ledger, method: str, objective: str, 
     if reverted:
         record["facts"] = list(reverted)
     return Rebase(delta.to("cpu"), record, solve, reused, time.perf_counter() - started)
+
+
+def solve_together(lm: LoadedModel, facts: list[Fact], z: torch.Tensor, closed_form: str, hp: EditHparams,
+                   scope: str | None = None) -> Delta:
+    """One closed form for all `facts` with their values z (F, H), on the model as it is (base, in a
+    rebase); the delta keeps each fact's key and value. Nothing protects a fact from the others here
+    (they are solved together), but their neighbours are kept in place (editing/neighbours.py), their
+    Gram kept between consolidates of one store (`scope`)."""
+    pairs = [(f.prompt, f.target_new) for f in facts]
+    for prefix in context_prefixes(lm, hp.context_prefixes):
+        pairs += [(f"{prefix}. {f.prompt}", f.target_new) for f in facts]
+    subjects = [f.subject for f in facts] * (len(pairs) // len(facts))
+    batch = pair_batch(lm.tokenizer, pairs, subjects=subjects, subject_last=True).to(lm.device)
+    near = ProtectedKeys({}, neighbours=neighbours_of(
+        lm, hp.neighbour_subjects, [p for f in facts if (p := prompt_of(f))], scope=scope))
+    delta, memory = closed_form_delta(lm, closed_form, hp, batch, len(facts), z.to(lm.device), near)
+    delta = compact(delta)
+    delta.memory = memory.to_tensors()
+    return delta
 
 
 def compact(delta: Delta) -> Delta:

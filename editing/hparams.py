@@ -126,6 +126,15 @@ class EditHparams(BaseModel):
         "place by alphaedit: 'context' (its key averaged over its prompt and the context prefixes), 'own' (its "
         "prompt's key alone) or 'both' (two keys per fact: half the room in C₀'s null space).",
     )
+    neighbour_subjects: int = Field(
+        8, ge=0, le=32, description="alphaedit: put this many other subjects (a fixed list of well-known ones) "
+        "into the prompt of each fact it solves and keep the keys at every position of those prompts, and of "
+        "the fact's own prompt but its subject's last token, in place (editing/neighbours.py).",
+    )
+    neighbour_weight: float = Field(
+        1.0, ge=0.0, le=1e4, description="alphaedit: weight of the neighbour keys against the new facts' own "
+        "(0: only C₀'s null space and the live facts' keys hold other inputs in place).",
+    )
     c0_source: str = Field(
         "builtin", max_length=1000, description="Text for C₀ = E[k kᵀ]: 'builtin' (ships with lmedit) or a path to a "
         "text file or folder of .txt files (e.g. WikiText-2); part of C₀'s cache key.",

@@ -15,8 +15,10 @@ prompt and its model-generated context prefixes. An edit has two steps:
    with K (in, F) the facts' keys, R (out, F) the residuals, C₀ = E[k kᵀ] over generic text
    (editing/keys.py), P the projector onto C₀'s null space (its eigenvectors whose
    eigenvalues fall below a threshold), and K_p the keys of the facts still in effect on the
-   branch. AlphaEdit's ΔW annihilates every key C₀ has seen (ΔW k₀ = 0 up to the threshold),
-   so edits stacked on a branch leave preserved knowledge and each other in place.
+   branch, joined (weighted by `neighbour_weight`) by every fact's neighbour keys: its prompt's
+   other positions and the same prompt about other subjects (editing/neighbours.py).
+   AlphaEdit's ΔW annihilates every key C₀ has seen (ΔW k₀ = 0 up to the threshold), so edits
+   stacked on a branch leave preserved knowledge, each other and their neighbours in place.
 
 The update has rank ≤ F: it is stored as factors (A = the solved keys, B = R). Each fact's
 keys and value go into the delta's `memory`, so that consolidate can reuse the values and
@@ -230,10 +232,23 @@ def _basis(c0: torch.Tensor, threshold: float) -> torch.Tensor:
     return _BASES[key][1]
 
 
+def kept_in_place(protected: ProtectedKeys | None, module: str, c0: torch.Tensor, hp: EditHparams
+                  ) -> torch.Tensor | None:
+    """(r, r) float64, alphaedit's Gram of what `module`'s update must keep in place, in C₀'s null-space
+    basis: the live facts' keys (K_p) and, weighted by `neighbour_weight`, their neighbour keys."""
+    if protected is None:
+        return None
+    U = _basis(c0, hp.nullspace_threshold)
+    total = protected.gram(module, U)
+    if hp.neighbour_weight > 0 and (near := protected.neighbour_gram(module, U)) is not None:
+        total = hp.neighbour_weight * near if total is None else total + hp.neighbour_weight * near
+    return total
+
+
 def solve_update(closed_form: str, keys: torch.Tensor, residuals: torch.Tensor, c0: torch.Tensor,
-                 hp: EditHparams, protected: ProtectedKeys | None = None, module: str = "") -> LoraFactors:
+                 hp: EditHparams, kept: torch.Tensor | None = None) -> LoraFactors:
     """The closed form for one layer. keys (F, in), residuals (F, out) → factors of ΔW (out, in).
-    `protected`: alphaedit's K_p, the live facts' keys (their rows for `module`)."""
+    `kept`: alphaedit's Gram of the keys to keep in place (`kept_in_place`)."""
     if closed_form == "memit":
         K = keys.T.double()  # (in, F)
         A = hp.mom2_weight * c0.double() + K @ K.T  # (in, in), symmetric
@@ -247,9 +262,8 @@ def solve_update(closed_form: str, keys: torch.Tensor, residuals: torch.Tensor, 
         keys = keys.to(U.device)
         G = U.T @ keys.T.double()  # (r, F)
         gram = G @ G.T  # (r, r)
-        live = protected.gram(module, U) if protected is not None else None
-        if live is not None:
-            gram += live.to(gram.device)
+        if kept is not None:
+            gram += kept.to(gram.device)
         gram.diagonal().add_(hp.l2)
         z = torch.cholesky_solve(G, torch.linalg.cholesky(gram))  # (r, F)
         solved = U @ z  # (in, F) = M⁻¹ P K, so ΔWᵀ = M⁻¹ P K Rᵀ
@@ -268,6 +282,8 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
     order = sorted(modules, key=block_of)
     top = block_of(order[-1])
     c0 = second_moment(lm, modules, source=hp.c0_source, max_tokens=hp.c0_tokens)
+    # Read before any weight changes here (neighbour keys are read on the base weights).
+    kept = {n: kept_in_place(live_keys, n, c0[n], hp) for n in order} if closed_form == "alphaedit" else {}
     originals = {n: modules[n].weight.detach() for n in order}  # kept as they are: the update goes to copies
     for n in order:
         modules[n].weight.data = originals[n].clone()
@@ -289,7 +305,7 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
                 # Without a BOS token the own prompt puts the subject at the sequence's start, where
                 # its key differs from the context average (cosine 0.4–0.9 on SmolLM2): write both.
                 keys, residuals = torch.cat([read.keys, read.own_keys]), torch.cat([residuals, residuals])
-            f = solve_update(closed_form, keys, residuals, c0[name], hp, live_keys, name)
+            f = solve_update(closed_form, keys, residuals, c0[name], hp, kept.get(name))
             f.fan_in_fan_out = is_conv1d(modules[name])
             factors[f"{name}.weight"] = f
             with torch.no_grad():  # the layers above see this one's update

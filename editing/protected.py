@@ -7,12 +7,20 @@ by a fact or two per edit, so the Gram is kept per store and module and brought 
 adding the new facts' rank-k terms and subtracting those no longer live; it is rebuilt from
 scratch when most of the live set changed (another branch) and every `_REBUILD_AFTER` updates,
 which bounds rounding drift (accumulated in float64).
+
+Alphaedit also keeps the *neighbour keys* of the facts it solves in place (editing/neighbours.py):
+about a hundred per fact, too many to hold per fact for a branch's thousand facts. They depend only
+on the fact's prompt and subject and the weights they are read on (base, in a consolidate), so
+their Gram is kept by prompt: a new prompt's keys are read and added, a prompt no longer solved
+(a revert) is read again and subtracted, and the next consolidate of the branch reads only what
+changed since the last one.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +40,26 @@ class _Gram:
 _GRAMS: OrderedDict[tuple, _Gram] = OrderedDict()
 _lock = threading.Lock()
 
+Prompt = tuple[str, str]  # (prompt, subject)
+
+
+@dataclass
+class Neighbours:
+    """The prompts whose neighbour keys an alphaedit edit keeps in place, and how to read those keys."""
+
+    prompts: list[Prompt]  # the solved facts', each once
+    read: Callable[[str, list[Prompt]], torch.Tensor]  # (module, prompts) -> (K, in)
+    tag: str  # what `read` depends on besides the prompts (e.g. the number of other subjects)
+    scope: str | None = None  # where a Gram of these prompts' keys is kept between solves (a store's url)
+
+
+@dataclass
+class _PromptGram:
+    basis: torch.Tensor
+    prompts: set[Prompt] = field(default_factory=set)
+    total: torch.Tensor | None = None  # (r, r) float64
+    updates: int = 0
+
 
 @dataclass
 class ProtectedKeys:
@@ -40,6 +68,7 @@ class ProtectedKeys:
 
     rows: dict[str, dict[str, torch.Tensor]]
     scope: str | None = None
+    neighbours: Neighbours | None = None
 
     def gram(self, module: str, basis: torch.Tensor) -> torch.Tensor | None:
         """(r, r) float64: Uᵀ K_p K_pᵀ U for U = `basis` (in, r); None without live keys."""
@@ -71,6 +100,44 @@ class ProtectedKeys:
                     entry.total += G @ G.T
                 entry.updates += 1
             entry.keys = dict(live)
+            return entry.total.clone()
+
+
+    def neighbour_gram(self, module: str, basis: torch.Tensor) -> torch.Tensor | None:
+        """(r, r) float64: Uᵀ K_n K_nᵀ U over the neighbour keys of `neighbours.prompts`; None without any."""
+        nb = self.neighbours
+        if nb is None or not nb.prompts:
+            return None
+        wanted = set(nb.prompts)
+
+        def gram_of(prompts: list[Prompt], chunk: int = 64) -> torch.Tensor:
+            total = torch.zeros(basis.shape[1], basis.shape[1], dtype=torch.float64, device=basis.device)
+            for i in range(0, len(prompts), chunk):  # a branch's thousand prompts: ~90 keys each
+                G = basis.double().T @ nb.read(module, prompts[i:i + chunk]).to(basis.device, torch.float64).T
+                total += G @ G.T  # G: (r, K)
+            return total
+
+        if nb.scope is None:
+            return gram_of(list(dict.fromkeys(nb.prompts)))
+        key = ("neighbours", nb.scope, nb.tag, module, id(basis))
+        with _lock:
+            entry = _GRAMS.get(key)
+            if entry is None or entry.basis is not basis:
+                entry = _GRAMS[key] = _PromptGram(basis)
+            _GRAMS.move_to_end(key)
+            while len(_GRAMS) > _MAX_ENTRIES:
+                _GRAMS.popitem(last=False)
+            added = [p for p in dict.fromkeys(nb.prompts) if p not in entry.prompts]
+            removed = sorted(entry.prompts - wanted)
+            if entry.total is None or entry.updates >= _REBUILD_AFTER or len(added) + len(removed) > len(wanted) // 2:
+                entry.total, entry.updates = gram_of(list(dict.fromkeys(nb.prompts))), 0
+            elif added or removed:
+                if removed:
+                    entry.total -= gram_of(removed)
+                if added:
+                    entry.total += gram_of(added)
+                entry.updates += 1
+            entry.prompts = wanted
             return entry.total.clone()
 
 

@@ -26,6 +26,7 @@ from editing.keys import fact_keys
 from editing.locate import closed_form_delta, default_layers, residual_values
 from editing.methods import first_layer, get_method, only_at, target_modules, trainable
 from editing.model import LoadedModel
+from editing.neighbours import with_own
 from editing.objectives import TokenStats, objective_loss
 from editing.prefixes import context_prefixes
 from editing.protected import ProtectedKeys
@@ -49,6 +50,8 @@ class StepInfo:
     # The delta as it would be stored if the edit ended at this step (make it only when needed: it
     # copies the edited weights); None for locate-then-edit methods, whose ΔW is solved after training.
     delta: Callable[[], Delta] | None = None
+    # Locate-then-edit: the values z (F, H) as they stand at this step (the closed form comes after training).
+    values: Callable[[], torch.Tensor] | None = None
 
 
 @dataclass
@@ -106,7 +109,7 @@ def edit(
     """Train `facts` into the model's weights and return the delta; the model is left unchanged.
 
     `live_keys`: keys of the facts already in effect on the branch, which alphaedit keeps in
-    place (editing/protected.py)."""
+    place (editing/protected.py); it keeps the edited facts' neighbour keys too (editing/neighbours.py)."""
     if not facts:
         raise ValueError("an edit needs at least one fact")
     m = get_method(method)
@@ -164,7 +167,7 @@ def edit(
             result.losses.append(value)
             result.trace.append(stats.p_label[own_tokens].tolist())
             if on_step is not None:
-                on_step(StepInfo(step, hp.steps, value, result.trace[-1], make_delta))
+                on_step(StepInfo(step, hp.steps, value, result.trace[-1], make_delta, values))
             if step == hp.steps:
                 break
             if hp.stop != "none" and should_stop(hp.stop, objective, value, stats, hp):
@@ -182,6 +185,8 @@ def edit(
             result.steps += 1
         delta = make_delta() if make_delta is not None else None
         z = values() if values is not None else None
+    if m.closed_form == "alphaedit" and hp.neighbour_weight > 0:  # the facts' neighbours stay put too
+        live_keys = with_own(lm, hp, facts, live_keys)
     if m.closed_form:  # with the full model back: the closed form reads keys below the top block
         delta, memory = closed_form_delta(lm, m.closed_form, hp, batch, own, z, live_keys)
         delta.memory = memory.to_tensors()

@@ -52,3 +52,22 @@ def test_every_script_runs_on_two_records_and_the_report_has_every_section(tmp_p
     assert len(pngs) >= 4
     for png in pngs:
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+@pytest.mark.timeout(900)
+def test_solve_together_measures_a_batch_and_where_its_locality_goes(tmp_path):
+    run_script("solve_together", "values", "--smoke", "--out", str(tmp_path))
+    run_script("solve_together", "positions", "--smoke", "--out", str(tmp_path))
+    row = json.loads((tmp_path / "solve_together.jsonl").read_text().splitlines()[-1])
+    assert row["n"] == 2 and 0 <= row["locality"] <= 1 and 0 <= row["reliability"] <= 1
+    assert set(row["positions"]) == {"all", "first", "middle", "last"}
+    assert row["positions"]["all"]["locality"] == pytest.approx(row["locality"])  # the hooks add ΔW exactly
+
+
+@pytest.mark.timeout(900)
+def test_value_curves_solve_each_record_at_each_step(tmp_path):
+    run_script("value_curves", "--smoke", "--out", str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "value_curves" / "dev-alphaedit-overtone.jsonl").read_text()
+            .splitlines()]
+    assert [r["index"] for r in rows] == [0, 1] and all(set(r["steps"]) == {"2"} for r in rows)
+    assert all(0 <= r["steps"]["2"]["locality"] <= 1 for r in rows)

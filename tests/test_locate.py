@@ -166,8 +166,10 @@ def test_sequential_locality_is_measured_against_base_after_a_rebase(tmp_path, m
     s = _session(tmp_path, monkeypatch)
     prompt = "The capital of Japan is"
     fact = Fact(prompt, "Rome", subject="Japan", locality_prompts=[Probe(prompt, " Rome")])
-    s.edit([fact], method="alphaedit", hparams={**FAST, "steps": 20})
-    made = s.rebase("main", method="alphaedit", hparams={**FAST, "steps": 20})
+    # The probe is the fact's own prompt: its neighbour keys (the prompt's other positions) are not kept.
+    hp = {**FAST, "steps": 20, "neighbour_weight": 0}
+    s.edit([fact], method="alphaedit", hparams=hp)
+    made = s.rebase("main", method="alphaedit", hparams=hp)
     edited = metrics.snapshot(s.lm, [fact]).predicted  # the session holds the rebase
     base = metrics.snapshot(tiny_llama(layers=4), [fact]).predicted
     assert edited != base  # the probe does move: a snapshot taken at the rebase would differ from base

@@ -1,0 +1,166 @@
+"""Many facts solved together (a consolidate's closed form) and where its locality goes.
+
+A consolidate solves every live fact of a branch in one closed form (editing/consolidate.py
+`solve_together`). This measures that step alone, on counterfact-dev records 0…n−1 (the tuning
+range), from values z optimised once and cached: retention (reliability of every fact),
+generalization, locality against the base model, neighbour flips. `positions` also applies the
+solved ΔW at chosen positions of the probes only (the first token; the tokens between the first
+and the prompt's last; the prompt's last and the answer's), which says where locality is lost.
+
+    python benchmarks/solve_together.py values --n 1000      # z per record, 8 at a time (resumable)
+    python benchmarks/solve_together.py solve --n 200 [--hparams '{"neighbour_weight": 0}']
+    python benchmarks/solve_together.py positions --n 200 [--hparams ...]
+
+Values are trained 8 records at a time until all 8 fit (at most the method's `steps`), so they
+are somewhat stronger than a single edit's; compare rows made from the same values. Rows go to
+results/solve_together.jsonl; values to results/cache/solve_together/.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import DATA, append_jsonl, arguments  # noqa: E402
+
+CHUNK = 8  # records whose values are trained together
+REGIONS = ("all", "first", "middle", "last")
+
+
+def load(threads: int):
+    from editing.model import load_model
+
+    return load_model("smollm2", device="cpu", threads=threads)
+
+
+def read_facts(n: int):
+    from editing.facts import read_cases
+
+    return [c.facts[0] for c in read_cases(DATA / "counterfact-dev.json", offset=0, n=n)]
+
+
+def values_path(out: Path, objective: str) -> Path:
+    return out / "cache" / "solve_together" / f"values-{objective}.pt"
+
+
+def values(n: int, objective: str, out: Path, threads: int) -> None:
+    import torch
+
+    from editing.train import edit
+
+    path = values_path(out, objective)
+    have = torch.load(path) if path.exists() else {}
+    lm, facts = load(threads), read_facts(n)
+    for start in range(0, n, CHUNK):
+        rows = list(range(start, min(n, start + CHUNK)))
+        if all(i in have for i in rows):
+            continue
+        t0 = time.perf_counter()
+        result = edit(lm, facts[rows[0]: rows[-1] + 1], method="alphaedit", objective=objective)
+        for j, i in enumerate(rows):
+            have[i] = result.delta.memory["values"][j].clone()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(have, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        print(f"values {rows[0]}–{rows[-1]}: {time.perf_counter() - t0:.0f} s, {result.steps} steps", flush=True)
+
+
+def solve(n: int, objective: str, method: str, overrides: dict, out: Path, threads: int, regions: bool) -> dict:
+    import torch
+
+    from editing import metrics
+    from editing.consolidate import solve_together
+    from editing.delta import apply_delta, revert
+    from editing.hparams import resolve_hparams
+    from editing.locate import default_layers
+
+    have = torch.load(values_path(out, objective))
+    missing = [i for i in range(n) if i not in have]
+    if missing:
+        raise SystemExit(f"no values for records {missing[:5]}…: run `values --n {n}` first")
+    lm, facts = load(threads), read_facts(n)
+    hp = resolve_hparams(method, overrides)
+    hp = hp.model_copy(update={"layers": hp.layers if hp.layers is not None else default_layers(lm.model)})
+    before = metrics.snapshot(lm, facts)
+    t0 = time.perf_counter()
+    delta = solve_together(lm, facts, torch.stack([have[i] for i in range(n)]), method, hp)
+    seconds = time.perf_counter() - t0
+    originals = apply_delta(lm.model, delta)
+    measured = metrics.measure(lm, facts, before)
+    revert(lm.model, originals)
+    row = {"n": n, "method": method, "objective": objective, "hparams": overrides, "threads": threads,
+           "seconds": round(seconds, 1), **{k: measured[k] for k in
+                                            ("reliability", "generalization", "locality", "neighbour_flips")}}
+    if regions:
+        row["positions"] = {r: where(lm, facts, before, delta, r) for r in REGIONS}
+    append_jsonl(out / "solve_together.jsonl", row)
+    return row
+
+
+def where(lm, facts, before, delta, region: str) -> dict:
+    """Locality and reliability with ΔW acting only in `region` of each sequence: 'first' (position 0),
+    'middle' (1 … the prompt's second-to-last), 'last' (the prompt's last token and the answer's)."""
+    import torch
+
+    from editing import metrics
+    from editing.tokens import encode_pair
+
+    modules = dict(lm.model.named_modules())
+    changes = {name.removesuffix(".weight"): delta.change(name) for name in delta.names()}
+    state: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(module, args, out):
+            x = args[0]  # (B, L, in)
+            pos = torch.arange(x.shape[1])[None, :]  # (1, L)
+            end = state["prompt_len"][:, None] - 1  # (B, 1): the prompt's last position
+            mask = {"all": pos >= 0, "first": pos == 0, "middle": (pos >= 1) & (pos < end),
+                    "last": pos >= end}[region]
+            return out + (x @ changes[name].T.to(x.dtype)) * mask[..., None]  # (B, L, out)
+        return hook
+
+    def run(pairs):
+        handles = [modules[n].register_forward_hook(hook_for(n)) for n in changes]
+        try:
+            found = []
+            for i in range(0, len(pairs), 32):
+                part = pairs[i:i + 32]
+                state["prompt_len"] = torch.tensor([len(encode_pair(lm.tokenizer, p, a)[0]) for p, a in part])
+                found += metrics.predictions(lm, part, chunk=32)
+            return found
+        finally:
+            for h in handles:
+                h.remove()
+
+    probes = [(p.prompt, p.answer) for ps in before.probes for p in ps]
+    pre = [x for ps in before.predicted for x in ps]
+    post = [p for p, _ in run(probes)]
+    own = run([(f.prompt, f.target_new) for f in facts])
+    return {"locality": sum(sum(a == b for a, b in zip(x, y)) / len(x) for x, y in zip(pre, post)) / len(pre),
+            "reliability": sum(sum(a == b for a, b in zip(p, t)) / len(t) for p, t in own) / len(own)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import json
+
+    parser = arguments(__doc__)
+    parser.add_argument("step", choices=["values", "solve", "positions"])
+    parser.add_argument("--n", type=int, default=200, help="records 0…n−1 of counterfact-dev")
+    parser.add_argument("--objective", default="overtone")
+    parser.add_argument("--method", default="alphaedit", choices=["alphaedit", "memit"])
+    parser.add_argument("--hparams", type=json.loads, default={}, help="JSON hparams on top of the method's")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    n = 2 if args.smoke else args.n
+    if args.step == "values":
+        values(n, args.objective, args.out, args.threads)
+        return
+    row = solve(n, args.objective, args.method, args.hparams, args.out, args.threads, args.step == "positions")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
