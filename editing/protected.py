@@ -32,9 +32,10 @@ _MAX_ENTRIES = 16  # (store, module, basis) Grams kept: r² float64 each (~16 MB
 @dataclass
 class _Gram:
     basis: torch.Tensor  # the U it was formed in (held, so that its id cannot be reused)
-    keys: dict[str, torch.Tensor] = field(default_factory=dict)  # fact id -> (k, in): the facts in `total`
-    total: torch.Tensor | None = None  # (r, r) float64, Σ over `keys` of (Uᵀk)(Uᵀk)ᵀ
+    ids: set = field(default_factory=set)  # what `total` sums over: fact ids, or (prompt, subject) pairs
+    total: torch.Tensor | None = None  # (r, r) float64
     updates: int = 0
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)  # live facts' keys, to subtract when one goes
 
 
 _GRAMS: OrderedDict[tuple, _Gram] = OrderedDict()
@@ -54,14 +55,6 @@ class Neighbours:
 
 
 @dataclass
-class _PromptGram:
-    basis: torch.Tensor
-    prompts: set[Prompt] = field(default_factory=set)
-    total: torch.Tensor | None = None  # (r, r) float64
-    updates: int = 0
-
-
-@dataclass
 class ProtectedKeys:
     """Per module, each live fact's key rows: {module name: {fact id: (k, in)}}. `scope` names where
     fact ids are unique (a store's url); None keeps no Gram between edits."""
@@ -76,69 +69,63 @@ class ProtectedKeys:
         if not live:
             return None
         if self.scope is None:
-            G = _project(basis, list(live.values()))  # (r, n)
-            return G @ G.T
-        key = (self.scope, module, id(basis))
-        with _lock:
-            entry = _GRAMS.get(key)
-            if entry is None or entry.basis is not basis:
-                entry = _GRAMS[key] = _Gram(basis)
-            _GRAMS.move_to_end(key)
-            while len(_GRAMS) > _MAX_ENTRIES:
-                _GRAMS.popitem(last=False)
-            added = [f for f in live if f not in entry.keys]
-            removed = [f for f in entry.keys if f not in live]
-            if entry.total is None or entry.updates >= _REBUILD_AFTER or len(added) + len(removed) > len(live) // 2:
-                G = _project(basis, list(live.values()))  # (r, n)
-                entry.total, entry.updates = G @ G.T, 0
-            elif added or removed:
-                if removed:
-                    G = _project(basis, [entry.keys[f] for f in removed])
-                    entry.total -= G @ G.T
-                if added:
-                    G = _project(basis, [live[f] for f in added])
-                    entry.total += G @ G.T
-                entry.updates += 1
-            entry.keys = dict(live)
-            return entry.total.clone()
+            return _gram(basis, list(live.values()))
 
+        def gram_of(entry: _Gram, ids: list, gone: bool) -> torch.Tensor:
+            return _gram(basis, [(entry.keys if gone else live)[f] for f in ids])
+
+        entry, total = _kept_up_to_date((self.scope, module, id(basis)), basis, list(live), gram_of)
+        entry.keys = dict(live)
+        return total
 
     def neighbour_gram(self, module: str, basis: torch.Tensor) -> torch.Tensor | None:
         """(r, r) float64: Uᵀ K_n K_nᵀ U over the neighbour keys of `neighbours.prompts`; None without any."""
         nb = self.neighbours
         if nb is None or not nb.prompts:
             return None
-        wanted = set(nb.prompts)
 
-        def gram_of(prompts: list[Prompt], chunk: int = 64) -> torch.Tensor:
+        def gram_of(entry: _Gram | None, prompts: list[Prompt], gone: bool = False, chunk: int = 64) -> torch.Tensor:
             total = torch.zeros(basis.shape[1], basis.shape[1], dtype=torch.float64, device=basis.device)
             for i in range(0, len(prompts), chunk):  # a branch's thousand prompts: ~90 keys each
-                G = basis.double().T @ nb.read(module, prompts[i:i + chunk]).to(basis.device, torch.float64).T
-                total += G @ G.T  # G: (r, K)
+                total += _gram(basis, [nb.read(module, prompts[i:i + chunk])])
             return total
 
+        prompts = list(dict.fromkeys(nb.prompts))
         if nb.scope is None:
-            return gram_of(list(dict.fromkeys(nb.prompts)))
-        key = ("neighbours", nb.scope, nb.tag, module, id(basis))
-        with _lock:
-            entry = _GRAMS.get(key)
-            if entry is None or entry.basis is not basis:
-                entry = _GRAMS[key] = _PromptGram(basis)
-            _GRAMS.move_to_end(key)
-            while len(_GRAMS) > _MAX_ENTRIES:
-                _GRAMS.popitem(last=False)
-            added = [p for p in dict.fromkeys(nb.prompts) if p not in entry.prompts]
-            removed = sorted(entry.prompts - wanted)
-            if entry.total is None or entry.updates >= _REBUILD_AFTER or len(added) + len(removed) > len(wanted) // 2:
-                entry.total, entry.updates = gram_of(list(dict.fromkeys(nb.prompts))), 0
-            elif added or removed:
-                if removed:
-                    entry.total -= gram_of(removed)
-                if added:
-                    entry.total += gram_of(added)
-                entry.updates += 1
-            entry.prompts = wanted
-            return entry.total.clone()
+            return gram_of(None, prompts)
+        return _kept_up_to_date(("neighbours", nb.scope, nb.tag, module, id(basis)), basis, prompts, gram_of)[1]
+
+
+def _kept_up_to_date(key: tuple, basis: torch.Tensor, wanted: list, gram_of) -> tuple[_Gram, torch.Tensor]:
+    """The Gram summed over `wanted` ids, kept under `key`: what was added since the last call is added,
+    what is gone is subtracted (`gram_of(entry, ids, gone)`), and it is formed anew when most of the set
+    changed (another branch) and every `_REBUILD_AFTER` updates. Returns the entry and a copy of the sum."""
+    with _lock:
+        entry = _GRAMS.get(key)
+        if entry is None or entry.basis is not basis:
+            entry = _GRAMS[key] = _Gram(basis)
+        _GRAMS.move_to_end(key)
+        while len(_GRAMS) > _MAX_ENTRIES:
+            _GRAMS.popitem(last=False)
+        now = set(wanted)
+        added = [i for i in wanted if i not in entry.ids]
+        removed = [i for i in entry.ids if i not in now]
+        if entry.total is None or entry.updates >= _REBUILD_AFTER or len(added) + len(removed) > len(wanted) // 2:
+            entry.total, entry.updates = gram_of(entry, wanted, False), 0
+        elif added or removed:
+            if removed:
+                entry.total -= gram_of(entry, removed, True)
+            if added:
+                entry.total += gram_of(entry, added, False)
+            entry.updates += 1
+        entry.ids = now
+        return entry, entry.total.clone()
+
+
+def _gram(basis: torch.Tensor, keys: list[torch.Tensor]) -> torch.Tensor:
+    """(r, r) float64: G Gᵀ with G = Uᵀ of the keys' rows."""
+    G = _project(basis, keys)  # (r, n)
+    return G @ G.T
 
 
 def _project(basis: torch.Tensor, keys: list[torch.Tensor]) -> torch.Tensor:
