@@ -1,9 +1,9 @@
 """Write benchmarks/results/REPORT.md from the results the section scripts left there.
 
-Each section script (quality, hto, sequential, batch, service, costs, curves) renders its own
-section from its JSON; this file adds the header (commit, machine, date), a summary of
-OVERTONE against CE computed from the per-record results (paired bootstrap), and the notes
-in benchmarks/NOTES.md when present.
+Each section script (quality, hto, sequential, batch, service, costs, curves, solve_together,
+value_curves) renders its own section from its JSON; this file adds the header (commit,
+machine, date), a summary of OVERTONE against CE computed from the per-record results (paired
+bootstrap), and the notes in benchmarks/NOTES.md when present.
 
     python benchmarks/report.py [--results benchmarks/results]
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import batch, costs, curves, hto, quality, sequential, service  # noqa: E402
+from benchmarks import batch, costs, curves, hto, quality, sequential, service, solve_together, value_curves  # noqa: E402
 from benchmarks.common import RESULTS, ROOT, read_jsonl, run_facts  # noqa: E402
 from editing.evaluate import bootstrap_ci  # noqa: E402
 
-SECTIONS = (quality, hto, sequential, batch, service, costs, curves)
+SECTIONS = (quality, hto, sequential, batch, service, costs, curves, solve_together, value_curves)
 
 
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float, float]:

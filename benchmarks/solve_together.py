@@ -18,6 +18,7 @@ results/solve_together.jsonl; values to results/cache/solve_together/.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -143,8 +144,30 @@ def where(lm, facts, before, delta, region: str) -> dict:
             "reliability": sum(sum(a == b for a, b in zip(p, t)) / len(t) for p, t in own) / len(own)}
 
 
+def report(results: Path) -> str:
+    """Section 8 (empty without rows): every solve, latest row per configuration."""
+    from benchmarks.common import read_jsonl
+
+    rows = {(r["n"], r["method"], r["objective"], json.dumps(r["hparams"], sort_keys=True)): r
+            for r in read_jsonl(results / "solve_together.jsonl")}
+    if not rows:
+        return ""
+    lines = ["## 8. Many facts solved together", "",
+             "counterfact-dev 0…n−1 (the tuning range) solved in one closed form, as a consolidate does "
+             "(`benchmarks/solve_together.py`), from values optimised 8 records at a time and cached. Positions: "
+             "locality / retention with ΔW acting only at the probes' first token, between it and the prompt's "
+             "last, or at the prompt's last token and the answer's.", "",
+             "| n | method | hparams | retention | generalization | locality | neighbour flips | s | positions: "
+             "first / middle / last |", "|---|---|---|---|---|---|---|---|---|"]
+    for (n, method, _, hp), r in sorted(rows.items()):
+        where_ = r.get("positions")
+        cell = " / ".join(f"{where_[k]['locality']:.3f}" for k in ("first", "middle", "last")) if where_ else "–"
+        lines.append(f"| {n} | {method} | `{hp}` | {r['reliability']:.3f} | {r['generalization']:.3f} | "
+                     f"{r['locality']:.3f} | {r['neighbour_flips']:.3f} | {r['seconds']:.0f} | {cell} |")
+    return "\n".join(lines + [""])
+
+
 def main(argv: list[str] | None = None) -> None:
-    import json
 
     parser = arguments(__doc__)
     parser.add_argument("step", choices=["values", "solve", "positions"])

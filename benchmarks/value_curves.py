@@ -97,6 +97,24 @@ def summary(path: Path) -> list[dict]:
     return out
 
 
+def report(results: Path) -> str:
+    """Section 9 (empty without rows): each curve's points with 95% bootstrap intervals."""
+    paths = sorted((results / "value_curves").glob("*.jsonl"))
+    if not paths:
+        return ""
+    lines = ["## 9. Value curves of locate-then-edit edits", "",
+             "Single edits, each solved alone on the base weights from its value as it stood after k steps "
+             "(`benchmarks/value_curves.py`; values of 8 records trained together with no early stop). "
+             "dev = counterfact-dev from 0 (tuning), counterfact = from 1000, zsre = zsRE from 0.", "",
+             "| curve | step | n | reliability | generalization | locality | neighbour flips |",
+             "|---|---|---|---|---|---|---|"]
+    for path in paths:
+        for p in summary(path):
+            cells = [f"{v[0]:.3f} [{v[1]:.2f}, {v[2]:.2f}]" if (v := p[k]) is not None else "–" for k in METRICS]
+            lines.append(f"| {path.stem} | {p['step']} | {p['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__)
     parser.add_argument("--set", default="dev", choices=list(SETS))

@@ -232,17 +232,22 @@ def _basis(c0: torch.Tensor, threshold: float) -> torch.Tensor:
     return _BASES[key][1]
 
 
-def kept_in_place(protected: ProtectedKeys | None, module: str, c0: torch.Tensor, hp: EditHparams
-                  ) -> torch.Tensor | None:
-    """(r, r) float64, alphaedit's Gram of what `module`'s update must keep in place, in C₀'s null-space
-    basis: the live facts' keys (K_p) and, weighted by `neighbour_weight`, their neighbour keys."""
+def kept_in_place(protected: ProtectedKeys | None, c0: dict[str, torch.Tensor], hp: EditHparams
+                  ) -> dict[str, torch.Tensor]:
+    """{module: (r, r) float64}, alphaedit's Gram of what each module's update must keep in place, in its
+    C₀'s null-space basis: the live facts' keys (K_p) and, weighted by `neighbour_weight`, the solved
+    facts' neighbour keys (read for every module in one pass)."""
     if protected is None:
-        return None
-    U = _basis(c0, hp.nullspace_threshold)
-    total = protected.gram(module, U)
-    if hp.neighbour_weight > 0 and (near := protected.neighbour_gram(module, U)) is not None:
-        total = hp.neighbour_weight * near if total is None else total + hp.neighbour_weight * near
-    return total
+        return {}
+    bases = {n: _basis(c, hp.nullspace_threshold) for n, c in c0.items()}
+    near = protected.neighbour_grams(bases) if hp.neighbour_weight > 0 else {}
+    kept = {}
+    for n, U in bases.items():
+        parts = [g for g in (protected.gram(n, U), hp.neighbour_weight * near[n] if n in near else None)
+                 if g is not None]
+        if parts:
+            kept[n] = sum(parts[1:], parts[0])
+    return kept
 
 
 def solve_update(closed_form: str, keys: torch.Tensor, residuals: torch.Tensor, c0: torch.Tensor,
@@ -283,7 +288,7 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
     top = block_of(order[-1])
     c0 = second_moment(lm, modules, source=hp.c0_source, max_tokens=hp.c0_tokens)
     # Read before any weight changes here (neighbour keys are read on the base weights).
-    kept = {n: kept_in_place(live_keys, n, c0[n], hp) for n in order} if closed_form == "alphaedit" else {}
+    kept = kept_in_place(live_keys, c0, hp) if closed_form == "alphaedit" else {}
     originals = {n: modules[n].weight.detach() for n in order}  # kept as they are: the update goes to copies
     for n in order:
         modules[n].weight.data = originals[n].clone()

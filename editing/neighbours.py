@@ -99,10 +99,10 @@ def neighbours_of(lm, n: int, prompts: list[Prompt], scope: str | None = None) -
     """The neighbours (`n` other subjects each) to keep in place for these (prompt, subject) pairs, read
     on the model as it is when the solve asks for them; `scope`: keep their Gram there between solves
     (a store's url: its consolidates all read at base)."""
-    modules = dict(lm.model.named_modules())
+    named = dict(lm.model.named_modules())
 
-    def read(module: str, some: list[Prompt]) -> torch.Tensor:
-        return neighbour_keys(lm, {module: modules[module]}, some, n)[module]
+    def read(modules: list[str], some: list[Prompt]) -> dict[str, torch.Tensor]:
+        return neighbour_keys(lm, {m: named[m] for m in modules}, some, n)
 
     return Neighbours(list(dict.fromkeys(prompts)), read, tag=f"subjects={n}", scope=scope)
 

@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 import torch
 
 _REBUILD_AFTER = 256
-_MAX_ENTRIES = 16  # (store, module, basis) Grams kept: r² float64 each (~16 MB for SmolLM2)
+_MAX_ENTRIES = 16  # Grams kept (per store and module, or per store for all its modules): r² float64 each
 
 
 @dataclass
 class _Gram:
-    basis: torch.Tensor  # the U it was formed in (held, so that its id cannot be reused)
+    bases: dict[str, torch.Tensor]  # module -> the U it was formed in (held, so that its id cannot be reused)
     ids: set = field(default_factory=set)  # what `total` sums over: fact ids, or (prompt, subject) pairs
-    total: torch.Tensor | None = None  # (r, r) float64
+    total: dict[str, torch.Tensor] | None = None  # module -> (r, r) float64
     updates: int = 0
     keys: dict[str, torch.Tensor] = field(default_factory=dict)  # live facts' keys, to subtract when one goes
 
@@ -49,7 +49,7 @@ class Neighbours:
     """The prompts whose neighbour keys an alphaedit edit keeps in place, and how to read those keys."""
 
     prompts: list[Prompt]  # the solved facts', each once
-    read: Callable[[str, list[Prompt]], torch.Tensor]  # (module, prompts) -> (K, in)
+    read: Callable[[list[str], list[Prompt]], dict[str, torch.Tensor]]  # (modules, prompts) -> {module: (K, in)}
     tag: str  # what `read` depends on besides the prompts (e.g. the number of other subjects)
     scope: str | None = None  # where a Gram of these prompts' keys is kept between solves (a store's url)
 
@@ -71,39 +71,48 @@ class ProtectedKeys:
         if self.scope is None:
             return _gram(basis, list(live.values()))
 
-        def gram_of(entry: _Gram, ids: list, gone: bool) -> torch.Tensor:
-            return _gram(basis, [(entry.keys if gone else live)[f] for f in ids])
+        def gram_of(entry: _Gram, ids: list, gone: bool) -> dict[str, torch.Tensor]:
+            return {module: _gram(basis, [(entry.keys if gone else live)[f] for f in ids])}
 
-        entry, total = _kept_up_to_date((self.scope, module, id(basis)), basis, list(live), gram_of)
+        entry, total = _kept_up_to_date((self.scope, module, id(basis)), {module: basis}, list(live), gram_of)
         entry.keys = dict(live)
-        return total
+        return total[module]
 
-    def neighbour_gram(self, module: str, basis: torch.Tensor) -> torch.Tensor | None:
-        """(r, r) float64: Uᵀ K_n K_nᵀ U over the neighbour keys of `neighbours.prompts`; None without any."""
+    def neighbour_grams(self, bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{module: (r, r) float64 Uᵀ K_n K_nᵀ U} over the neighbour keys of `neighbours.prompts`, for the
+        modules of `bases` (each its U), read in one pass for all; {} without any."""
         nb = self.neighbours
         if nb is None or not nb.prompts:
-            return None
+            return {}
+        modules = sorted(bases)
 
-        def gram_of(entry: _Gram | None, prompts: list[Prompt], gone: bool = False, chunk: int = 64) -> torch.Tensor:
-            total = torch.zeros(basis.shape[1], basis.shape[1], dtype=torch.float64, device=basis.device)
+        def gram_of(entry: _Gram | None, prompts: list[Prompt], gone: bool = False, chunk: int = 64
+                    ) -> dict[str, torch.Tensor]:
+            total = {m: torch.zeros(bases[m].shape[1], bases[m].shape[1], dtype=torch.float64,
+                                    device=bases[m].device) for m in modules}
             for i in range(0, len(prompts), chunk):  # a branch's thousand prompts: ~90 keys each
-                total += _gram(basis, [nb.read(module, prompts[i:i + chunk])])
+                keys = nb.read(modules, prompts[i:i + chunk])
+                for m in modules:
+                    total[m] += _gram(bases[m], [keys[m]])
             return total
 
         prompts = list(dict.fromkeys(nb.prompts))
         if nb.scope is None:
             return gram_of(None, prompts)
-        return _kept_up_to_date(("neighbours", nb.scope, nb.tag, module, id(basis)), basis, prompts, gram_of)[1]
+        key = ("neighbours", nb.scope, nb.tag, tuple((m, id(bases[m])) for m in modules))
+        return _kept_up_to_date(key, bases, prompts, gram_of)[1]
 
 
-def _kept_up_to_date(key: tuple, basis: torch.Tensor, wanted: list, gram_of) -> tuple[_Gram, torch.Tensor]:
-    """The Gram summed over `wanted` ids, kept under `key`: what was added since the last call is added,
-    what is gone is subtracted (`gram_of(entry, ids, gone)`), and it is formed anew when most of the set
-    changed (another branch) and every `_REBUILD_AFTER` updates. Returns the entry and a copy of the sum."""
+def _kept_up_to_date(key: tuple, bases: dict[str, torch.Tensor], wanted: list, gram_of
+                     ) -> tuple[_Gram, dict[str, torch.Tensor]]:
+    """The Grams (per module) summed over `wanted` ids, kept under `key`: what was added since the last call
+    is added, what is gone is subtracted (`gram_of(entry, ids, gone)`), and they are formed anew when most of
+    the set changed (another branch) and every `_REBUILD_AFTER` updates. Returns the entry and copies."""
     with _lock:
         entry = _GRAMS.get(key)
-        if entry is None or entry.basis is not basis:
-            entry = _GRAMS[key] = _Gram(basis)
+        if entry is None or entry.bases.keys() != bases.keys() or any(
+                entry.bases[m] is not u for m, u in bases.items()):
+            entry = _GRAMS[key] = _Gram(dict(bases))
         _GRAMS.move_to_end(key)
         while len(_GRAMS) > _MAX_ENTRIES:
             _GRAMS.popitem(last=False)
@@ -113,13 +122,13 @@ def _kept_up_to_date(key: tuple, basis: torch.Tensor, wanted: list, gram_of) -> 
         if entry.total is None or entry.updates >= _REBUILD_AFTER or len(added) + len(removed) > len(wanted) // 2:
             entry.total, entry.updates = gram_of(entry, wanted, False), 0
         elif added or removed:
-            if removed:
-                entry.total -= gram_of(entry, removed, True)
-            if added:
-                entry.total += gram_of(entry, added, False)
+            for ids, sign in ((removed, -1), (added, 1)):
+                if ids:
+                    for m, g in gram_of(entry, ids, sign < 0).items():
+                        entry.total[m] += sign * g
             entry.updates += 1
         entry.ids = now
-        return entry, entry.total.clone()
+        return entry, {m: t.clone() for m, t in entry.total.items()}
 
 
 def _gram(basis: torch.Tensor, keys: list[torch.Tensor]) -> torch.Tensor:

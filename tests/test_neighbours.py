@@ -61,19 +61,20 @@ def test_alphaedit_keeps_the_neighbours_keys_in_place_and_still_writes_the_fact(
 
 
 def test_the_neighbour_gram_kept_up_to_date_equals_one_formed_from_scratch():
-    lm = tiny_llama(layers=4)
-    modules = target_modules(lm.model, _hp(lm))
-    name = next(iter(modules))
-    basis = torch.linalg.qr(torch.randn(modules[name].weight.shape[1], 20, dtype=torch.float64)).Q  # (in, r)
+    lm = tiny_llama(layers=8)
+    modules = target_modules(lm.model, _hp(lm, [1, 2]))
+    bases = {n: torch.linalg.qr(torch.randn(m.weight.shape[1], 20, dtype=torch.float64)).Q  # (in, r)
+             for n, m in modules.items()}
 
-    def read(module, prompts):
-        return neighbour_keys(lm, {module: modules[module]}, prompts, 3)[module]
+    def read(names, prompts):
+        return neighbour_keys(lm, {n: modules[n] for n in names}, prompts, 3)
 
     prompts = [(f"The capital of {c} is", c) for c in ("Japan", "Chile", "Peru", "Mali", "Laos", "Togo")]
     sets = [prompts[:3], prompts[:4], prompts[:5], [prompts[0], *prompts[2:5]], [prompts[0], *prompts[2:6]]]
     for live in sets:  # adds one, adds one, takes one out (a revert), adds one
-        kept = ProtectedKeys({}, neighbours=Neighbours(live, read, tag="t", scope="store-a"))
-        fresh = ProtectedKeys({}, neighbours=Neighbours(live, read, tag="t"))
-        got, expected = kept.neighbour_gram(name, basis), fresh.neighbour_gram(name, basis)
-        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()  # keys read in other batches: rounding
-    assert ProtectedKeys({}).neighbour_gram(name, basis) is None
+        kept = ProtectedKeys({}, neighbours=Neighbours(live, read, tag="t", scope="store-a")).neighbour_grams(bases)
+        fresh = ProtectedKeys({}, neighbours=Neighbours(live, read, tag="t")).neighbour_grams(bases)
+        assert set(kept) == set(modules)
+        for n in modules:  # keys read in other batches: rounding
+            assert (kept[n] - fresh[n]).abs().max() <= 1e-5 * fresh[n].abs().max()
+    assert ProtectedKeys({}).neighbour_grams(bases) == {}
