@@ -39,6 +39,16 @@ VARIANTS = {
 }
 
 
+def has_version(store, vid: str) -> bool:
+    from editing.store import NotFoundError
+
+    try:
+        store.get(vid)
+    except NotFoundError:
+        return False
+    return True
+
+
 def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Path, consolidate: bool,
         threads: int = 1) -> None:
     from editing.facts import read_cases
@@ -57,16 +67,19 @@ def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Pat
     facts = [c.facts[0] for c in read_cases(DATA / path, offset=offset, n=n)]
     if not rows and store_dir.exists():
         shutil.rmtree(store_dir)  # no measurement survived: start over
-    # A run that continues its store skips the checkpoints it already wrote; one on a new store
-    # (an earlier run's store is gone) measures afresh, and the report takes the latest row.
-    measured = {r["edits"] for r in rows if not r.get("consolidated")} if store_dir.exists() else set()
+    # A run that continues its store skips the checkpoints it already wrote there (rows whose version
+    # the store holds) and measures the ones it missed; one on a new store (an earlier run's store is
+    # gone) measures afresh, and the report takes the latest row.
+    kept = store_dir.exists()
     store = VersionStore.open(str(store_dir), base_fingerprint=lm.fingerprint)
+    measured = {r["edits"] for r in rows if not r.get("consolidated") and kept and has_version(store, r["version"])}
     session = EditSession(lm, store)
     started = time.perf_counter()
     def due(edits: int) -> bool:  # every `every` edits up to 200, then every 100
         return edits % (every if edits <= 200 else max(every, 100)) == 0
 
-    for point in run_sequential(session, facts, every, method, objective, hparams, due=due):
+    for point in run_sequential(session, facts, every, method, objective, hparams, due=due,
+                                catch_up=lambda edits: edits not in measured):
         if point.edits in measured:
             continue
         row = {"variant": variant, "method": method, "objective": objective, "dataset": dataset,

@@ -67,6 +67,8 @@ def run(set_name: str, n: int, method: str, objective: str, overrides: dict, ste
         edit(lm, chunk, method=method, objective=objective, on_step=keep,
              hparams={**overrides, "steps": max(steps), "stop": "none"})
         for j, (i, fact) in enumerate(zip(rows, chunk)):
+            if offset + i in done:  # an interrupted chunk is trained again whole; its rows are kept once
+                continue
             before = metrics.snapshot(lm, [fact])
             pairs = [(fact.prompt, fact.target_new)] + [(f"{p}. {fact.prompt}", fact.target_new) for p in prefixes]
             batch = pair_batch(lm.tokenizer, pairs, subjects=[fact.subject] * len(pairs), subject_last=True)
@@ -84,7 +86,7 @@ def run(set_name: str, n: int, method: str, objective: str, overrides: dict, ste
 
 
 def summary(path: Path) -> list[dict]:
-    rows = read_jsonl(path)
+    rows = list({r["index"]: r for r in read_jsonl(path)}.values())  # one row per record
     out = []
     for step in sorted({int(s) for r in rows for s in r["steps"]}):
         point = {"step": step, "n": 0}

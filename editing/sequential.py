@@ -122,10 +122,13 @@ def run_sequential(
     branch: str = "main",
     on_edit: Callable[[int, float], None] | None = None,
     due: Callable[[int], bool] | None = None,
+    catch_up: Callable[[int], bool] | None = None,
 ) -> Iterator[Checkpoint]:
     """Edit `facts` in order on `branch`, continuing after the edits it already holds; yield a
     checkpoint every `every` edits (or where `due(edits)` says) and after the last one. `method`
-    None: the default, which falls back for a fact without a subject (editing/hparams.py)."""
+    None: the default, which falls back for a fact without a subject (editing/hparams.py).
+    `catch_up(edits)`: on a resumed branch, which of its past checkpoints to measure first, each on
+    the version that edit made (a run stopped between an edit and its measurement loses nothing)."""
     if every < 1:
         raise ValueError("every must be at least 1")
     due = due or (lambda edits: edits % every == 0)
@@ -135,6 +138,12 @@ def run_sequential(
                          f"{len(facts)} records given")
     measurer = Measurer(session, facts)
     head = session.checkout(branch)
+    for edits in range(1, done + 1):
+        if due(edits) and edits != done and catch_up is not None and catch_up(edits):
+            past = session.store.find_job(head, f"{JOB_PREFIX}{edits - 1}")
+            if past is not None:
+                yield measurer.measure(session, past["id"], facts[:edits], [])
+    session.checkout(head)
     seconds: list[float] = []
     if done == len(facts) and done:
         yield measurer.measure(session, head, facts, seconds)

@@ -194,3 +194,23 @@ def test_fact_keys_choose_the_keys_each_fact_is_written_along(tmp_path, monkeypa
     assert torch.equal(memory["own"][f"keys:{bottom}"], memory["both"][f"own_keys:{bottom}"])
     assert torch.equal(memory["context"][f"keys:{bottom}"], memory["both"][f"keys:{bottom}"])
     assert not torch.equal(memory["own"][f"keys:{bottom}"], memory["context"][f"keys:{bottom}"])
+
+
+def test_a_resumed_sequential_run_measures_the_checkpoints_it_missed(tmp_path, monkeypatch):
+    """A run stopped after edit 3 never measured edit 2's checkpoint: resumed with catch_up, it
+    measures it on the version edit 2 made, then goes on; without catch_up it does not."""
+    from editing.sequential import run_sequential
+
+    s = _session(tmp_path, monkeypatch)
+    facts = [Fact(f"The capital of {c} is", t, subject=c)
+             for c, t in [("Japan", "Rome"), ("France", "Oslo"), ("Peru", "Cairo"), ("Chile", "Lima")]]
+    hp = {**FAST, "steps": 3}
+    for i, fact in enumerate(facts[:3]):  # three edits, as a run would make them, and no checkpoint
+        s.edit([fact], method="ft-m", hparams=hp, job_id=f"seq-{i}")
+    second = s.store.find_job(None, "seq-1")["id"]
+
+    points = list(run_sequential(s, facts, 2, "ft-m", "overtone", hp, catch_up=lambda edits: True))
+    assert [p.edits for p in points] == [2, 4]
+    assert points[0].version == second and points[0].seconds_per_edit is None
+    assert points[1].version == s.store.head("main") != second
+    assert [p.edits for p in run_sequential(s, facts, 2, "ft-m", "overtone", hp)] == [4]  # done: measured once
