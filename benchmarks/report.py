@@ -62,7 +62,8 @@ def summary(results: Path) -> list[str]:
              "*worse* only where the interval excludes 0.", ""]
     lines += overtone_vs_ce(results) or ["(no quality results)"]
     curves = {p.stem: read_jsonl(p) for p in sorted((results / "sequential").glob("*.jsonl"))}
-    finals = {name: max((r for r in rows if not r.get("consolidated")), key=lambda r: r["edits"])
+    # the latest row of the most edits (a rerun appends; the report takes the latest row per checkpoint)
+    finals = {name: max(reversed([r for r in rows if not r.get("consolidated")]), key=lambda r: r["edits"])
               for name, rows in curves.items() if any(not r.get("consolidated") for r in rows)}
     if finals:
         lines += ["", "Sequential editing, at the last checkpoint: " + "; ".join(

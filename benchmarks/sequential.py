@@ -89,7 +89,7 @@ def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Pat
               f"loc {point.locality:.3f} flu {point.fluency:.2f} (base {point.fluency_base:.2f}) "
               f"{point.seconds_per_edit or 0:.2f} s/edit ({time.perf_counter() - started:.0f} s)", flush=True)
     if consolidate and method in ("memit", "alphaedit"):
-        done = {r["edits"] for r in read_jsonl(rows_path) if r.get("consolidated")}
+        done = {r["edits"] for r in read_jsonl(rows_path) if r.get("consolidated") and has_version(store, r["version"])}
         if n not in done:
             t0 = time.perf_counter()
             outcome = session.rebase("main", method=method, objective=objective, hparams=hparams)
