@@ -70,9 +70,8 @@ def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Pat
     # A run that continues its store skips the checkpoints it already wrote there (rows whose version
     # the store holds) and measures the ones it missed; one on a new store (an earlier run's store is
     # gone) measures afresh, and the report takes the latest row.
-    kept = store_dir.exists()
     store = VersionStore.open(str(store_dir), base_fingerprint=lm.fingerprint)
-    measured = {r["edits"] for r in rows if not r.get("consolidated") and kept and has_version(store, r["version"])}
+    measured = {r["edits"] for r in rows if not r.get("consolidated") and has_version(store, r["version"])}
     session = EditSession(lm, store)
     started = time.perf_counter()
     def due(edits: int) -> bool:  # every `every` edits up to 200, then every 100

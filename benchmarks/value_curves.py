@@ -34,14 +34,12 @@ CHUNK = 8
 def run(set_name: str, n: int, method: str, objective: str, overrides: dict, steps: list[int], path: Path,
         threads: int) -> None:
     from editing import metrics
+    from editing.consolidate import solve_together
     from editing.delta import apply_delta, revert
     from editing.facts import read_cases
     from editing.hparams import resolve_hparams
-    from editing.locate import closed_form_delta, default_layers
+    from editing.locate import default_layers
     from editing.model import load_model
-    from editing.neighbours import with_own
-    from editing.prefixes import context_prefixes
-    from editing.tokens import pair_batch
     from editing.train import edit
 
     file, offset = SETS[set_name]
@@ -51,7 +49,6 @@ def run(set_name: str, n: int, method: str, objective: str, overrides: dict, ste
     hp = resolve_hparams(method, overrides)
     hp = hp.model_copy(update={"positions": "subject_last",
                                "layers": hp.layers if hp.layers is not None else default_layers(lm.model)})
-    prefixes = context_prefixes(lm, hp.context_prefixes)
     for start in range(0, n, CHUNK):
         rows = [i for i in range(start, min(n, start + CHUNK))]
         if all(offset + i in done for i in rows):
@@ -70,12 +67,9 @@ def run(set_name: str, n: int, method: str, objective: str, overrides: dict, ste
             if offset + i in done:  # an interrupted chunk is trained again whole; its rows are kept once
                 continue
             before = metrics.snapshot(lm, [fact])
-            pairs = [(fact.prompt, fact.target_new)] + [(f"{p}. {fact.prompt}", fact.target_new) for p in prefixes]
-            batch = pair_batch(lm.tokenizer, pairs, subjects=[fact.subject] * len(pairs), subject_last=True)
-            kept = with_own(lm, hp, [fact], None) if method == "alphaedit" and hp.neighbour_weight > 0 else None
             row = {"index": offset + i, "steps": {}}
             for step, z in sorted(snapshots.items()):
-                delta, _ = closed_form_delta(lm, method, hp, batch, 1, z[j:j + 1], kept)
+                delta = solve_together(lm, [fact], z[j:j + 1], method, hp)  # as a single edit solves it
                 originals = apply_delta(lm.model, delta)
                 measured = metrics.measure(lm, [fact], before)
                 revert(lm.model, originals)

@@ -243,10 +243,11 @@ def kept_in_place(protected: ProtectedKeys | None, c0: dict[str, torch.Tensor], 
     near = protected.neighbour_grams(bases) if hp.neighbour_weight > 0 else {}
     kept = {}
     for n, U in bases.items():
-        parts = [g for g in (protected.gram(n, U), hp.neighbour_weight * near[n] if n in near else None)
-                 if g is not None]
-        if parts:
-            kept[n] = sum(parts[1:], parts[0])
+        gram = protected.gram(n, U)
+        if n in near:
+            gram = hp.neighbour_weight * near[n] + (gram if gram is not None else 0)
+        if gram is not None:
+            kept[n] = gram
     return kept
 
 

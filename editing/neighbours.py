@@ -75,22 +75,15 @@ def neighbour_keys(lm, modules: dict[str, torch.nn.Module], prompts: list[Prompt
             texts.append(other)
             skip.append(None)
     found: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for first in range(0, len(texts), chunk):
-        ids = [tok(t, add_special_tokens=True).input_ids for t in texts[first:first + chunk]]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, : len(x)] = torch.tensor(x)
-            attention[i, : len(x)] = 1
-        mask = attention.bool()  # (B, L)
+        # right padding, so that `skip` (a position in the unpadded prompt) stays where it is
+        enc = tok(texts[first:first + chunk], return_tensors="pt", padding=True, padding_side="right")
+        mask = enc.attention_mask.bool()  # (B, L)
         for i, s in enumerate(skip[first:first + chunk]):
             if s is not None:
                 mask[i, s] = False
-        device = lm.device
-        for name, keys in module_inputs(lm.model, modules, input_ids.to(device), attention.to(device),
-                                        mask.to(device)).items():
+        enc, mask = enc.to(lm.device), mask.to(lm.device)
+        for name, keys in module_inputs(lm.model, modules, enc.input_ids, enc.attention_mask, mask).items():
             found[name].append(keys)
     return {name: torch.cat(k) if k else torch.zeros(0, 0) for name, k in found.items()}
 

@@ -214,3 +214,19 @@ def test_a_resumed_sequential_run_measures_the_checkpoints_it_missed(tmp_path, m
     assert points[0].version == second and points[0].seconds_per_edit is None
     assert points[1].version == s.store.head("main") != second
     assert [p.edits for p in run_sequential(s, facts, 2, "ft-m", "overtone", hp)] == [4]  # done: measured once
+
+
+def test_a_run_stopped_right_after_a_due_edit_measures_it_on_resume(tmp_path, monkeypatch):
+    """Edit 2 committed, its checkpoint never measured: the resumed run measures it first."""
+    from editing.sequential import run_sequential
+
+    s = _session(tmp_path, monkeypatch)
+    facts = [Fact(f"The capital of {c} is", t, subject=c) for c, t in [("Japan", "Rome"), ("France", "Oslo"),
+                                                                      ("Peru", "Cairo")]]
+    hp = {**FAST, "steps": 3}
+    for i, fact in enumerate(facts[:2]):
+        s.edit([fact], method="ft-m", hparams=hp, job_id=f"seq-{i}")
+    head = s.store.head("main")
+
+    points = list(run_sequential(s, facts, 2, "ft-m", "overtone", hp, catch_up=lambda edits: True))
+    assert [(p.edits, p.version == head) for p in points] == [(2, True), (3, False)]
