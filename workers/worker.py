@@ -29,6 +29,8 @@ from workers.settings import WorkerSettings
 
 log = logging.getLogger("lmedit.worker")
 
+COMMAND_POLL_S = 1.0  # how often the command-channel thread wakes: the longest a shutdown waits for it
+
 
 class ResidentWorker(SimpleWorker):
     """Runs jobs in this process (the resident model) and keeps beating while it does."""
@@ -84,6 +86,16 @@ class ResidentWorker(SimpleWorker):
     def _stop_job_heartbeat(self) -> None:
         with self._running_lock:  # waits for a beat in progress
             self._running = None
+
+    # RQ polls its command channel with a 60 s timeout, and redis-py ≥ 8.2 joins that thread on stop without
+    # one: a warm shutdown then waited up to a minute (past docker's 10 s grace). Polling every second
+    # bounds the wait; the channel only carries rare commands (kill-horse, stop-job).
+    def subscribe(self) -> None:
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=COMMAND_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler)
 
     # --- liveness --------------------------------------------------------------------------------
     def _announce(self) -> None:
