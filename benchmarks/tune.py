@@ -12,16 +12,20 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from editing.evaluate import evaluate, summarize
-from editing.facts import read_cases
-from editing.model import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact-dev.json"
+from benchmarks.common import DATA as DATA_DIR  # noqa: E402  (honours LMEDIT_DATA)
+from editing.evaluate import evaluate, summarize  # noqa: E402
+from editing.facts import read_cases  # noqa: E402
+from editing.model import load_model  # noqa: E402
+
+DATA = DATA_DIR / "counterfact-dev.json"
 OUT = Path(__file__).resolve().parent / "results" / "tune.jsonl"
 
 
