@@ -2,8 +2,9 @@
 
 RQ's command-channel thread waits up to 60 s for a message once the channel is unsubscribed, and
 redis-py ≥ 8.2 joins that thread on stop: when the thread saw the unsubscribe before the stop (a race
-the worker lost about one time in three), a stopped worker hung for up to a minute. The test puts the
-thread in that state on purpose (workers/worker.py COMMAND_POLL_S)."""
+the worker lost now and then: 1 run in 10 of tests/test_service_scaleout.py under load), a stopped
+worker hung for up to a minute. The test puts the thread in that state on purpose (workers/worker.py
+COMMAND_POLL_S)."""
 
 from __future__ import annotations
 
