@@ -12,7 +12,8 @@ and the prompt's last; the prompt's last and the answer's), which says where loc
     python benchmarks/solve_together.py positions --n 200 [--hparams ...]
 
 Values are trained 8 records at a time until all 8 fit (at most the method's `steps`), so they
-are somewhat stronger than a single edit's; compare rows made from the same values. Rows go to
+are somewhat stronger than a single edit's; compare rows made from the same values. The hparams are an
+edit's (one pass of the closed form); a consolidate adds `REBASE_DEFAULTS` (`passes` 2). Rows go to
 results/solve_together.jsonl; values to results/cache/solve_together/.
 """
 
@@ -154,7 +155,8 @@ def report(results: Path) -> str:
         return ""
     lines = ["## 8. Many facts solved together", "",
              "counterfact-dev 0…n−1 (the tuning range) solved in one closed form, as a consolidate does "
-             "(`benchmarks/solve_together.py`), from values optimised 8 records at a time and cached. Positions: "
+             "(`benchmarks/solve_together.py`), from values optimised 8 records at a time and cached; one pass of the "
+             "closed form unless the hparams name `passes` (a consolidate runs 2: `REBASE_DEFAULTS`). Positions: "
              "locality / retention with ΔW acting only at the probes' first token, between it and the prompt's "
              "last, or at the prompt's last token and the answer's.", "",
              "| n | method | hparams | retention | generalization | locality | neighbour flips | s | positions: "

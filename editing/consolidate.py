@@ -27,7 +27,7 @@ import torch
 
 from editing.delta import Delta
 from editing.facts import Fact
-from editing.hparams import EditHparams, method_spec, resolve_hparams
+from editing.hparams import EditHparams, method_spec, resolve_rebase_hparams
 from editing.ledger import Ledger, LedgerFact
 from editing.locate import closed_form_delta, default_layers
 from editing.memory import fact_memory
@@ -116,7 +116,7 @@ def rebase(lm: LoadedModel, store, ledger: Ledger, method: str, objective: str, 
     if not spec.closed_form:
         raise ValueError(f"consolidate re-solves facts with a locate-then-edit method, not {method!r}")
     started = time.perf_counter()
-    hp = resolve_hparams(method, hparams)
+    hp = resolve_rebase_hparams(method, hparams)
     hp = hp.model_copy(update={"positions": "subject_last",
                                "layers": hp.layers if hp.layers is not None else default_layers(lm.model)})
     solve, kept = plan(store, ledger)

@@ -278,11 +278,19 @@ def solve_update(closed_form: str, keys: torch.Tensor, residuals: torch.Tensor, 
     return LoraFactors(A=solved.T.float().contiguous(), B=residuals.T.float().contiguous(), scale=1.0)
 
 
+def _stacked(a: LoraFactors | None, b: LoraFactors) -> LoraFactors:
+    """a + b as one factor pair (their ranks add): a later pass's update on top of an earlier one's."""
+    if a is None:
+        return b
+    return LoraFactors(A=torch.cat([a.A, b.A]), B=torch.cat([a.B, b.B], dim=1), scale=1.0,
+                       fan_in_fan_out=a.fan_in_fan_out)
+
+
 def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch: PairBatch, n_facts: int,
                       values: torch.Tensor, live_keys: ProtectedKeys | None = None
                       ) -> tuple[Delta, Memory]:
     """Step 2: write z = `values` (F, H) into the edited projections, bottom to top; each layer
-    takes an equal share of what is still missing. The model is left as it was."""
+    takes an equal share of what is still missing; `hp.passes` repeats the sweep. The model is left as it was."""
     model = lm.model
     modules = target_modules(model, hp)
     order = sorted(modules, key=block_of)
@@ -297,26 +305,32 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
     first_keys: dict[str, torch.Tensor] = {}
     first_own: dict[str, torch.Tensor] = {}
     try:
-        inputs, start = None, 0
+        inputs, start, bottom = None, 0, None
         contexts = len(batch.input_ids) // n_facts
-        for i, name in enumerate(order):
-            # Blocks below `start` are as they were in the last pass: run from its cached input.
-            read = read_keys_and_top(model, modules[name], top, batch, n_facts, start=start, inputs=inputs,
-                                     capture=block_of(name))
-            inputs, start = read.inputs, block_of(name)
-            first_keys[name], first_own[name] = read.keys, read.own_keys
-            residuals = (values.to(read.top.device) - read.top) / (len(order) - i)  # (F, H)
-            keys = read.own_keys if hp.fact_keys == "own" else read.keys
-            if contexts > 1 and hp.fact_keys == "both":
-                # Without a BOS token the own prompt puts the subject at the sequence's start, where
-                # its key differs from the context average (cosine 0.4–0.9 on SmolLM2): write both.
-                keys, residuals = torch.cat([read.keys, read.own_keys]), torch.cat([residuals, residuals])
-            f = solve_update(closed_form, keys, residuals, c0[name], hp, kept.get(name))
-            f.fan_in_fan_out = is_conv1d(modules[name])
-            factors[f"{name}.weight"] = f
-            with torch.no_grad():  # the layers above see this one's update
-                w = modules[name].weight
-                w.copy_((w.float() + f.dense().to(w.device)).to(w.dtype))
+        for sweep in range(hp.passes):
+            if bottom is not None:  # a later pass starts again at the lowest edited block
+                inputs, start = bottom, block_of(order[0])
+            for i, name in enumerate(order):
+                # Blocks below `start` are as they were in the last read: run from its cached input.
+                read = read_keys_and_top(model, modules[name], top, batch, n_facts, start=start, inputs=inputs,
+                                         capture=block_of(name))
+                inputs, start = read.inputs, block_of(name)
+                if sweep == 0:
+                    first_keys[name], first_own[name] = read.keys, read.own_keys
+                    if i == 0:
+                        bottom = read.inputs
+                residuals = (values.to(read.top.device) - read.top) / (len(order) - i)  # (F, H)
+                keys = read.own_keys if hp.fact_keys == "own" else read.keys
+                if contexts > 1 and hp.fact_keys == "both":
+                    # Without a BOS token the own prompt puts the subject at the sequence's start, where
+                    # its key differs from the context average (cosine 0.4–0.9 on SmolLM2): write both.
+                    keys, residuals = torch.cat([read.keys, read.own_keys]), torch.cat([residuals, residuals])
+                f = solve_update(closed_form, keys, residuals, c0[name], hp, kept.get(name))
+                f.fan_in_fan_out = is_conv1d(modules[name])
+                factors[f"{name}.weight"] = _stacked(factors.get(f"{name}.weight"), f)
+                with torch.no_grad():  # the layers above (and the next pass) see this one's update
+                    w = modules[name].weight
+                    w.copy_((w.float() + f.dense().to(w.device)).to(w.dtype))
     finally:
         for n, w in originals.items():
             modules[n].weight.data = w

@@ -79,6 +79,37 @@ def test_reading_keys_from_a_cached_block_input_equals_a_full_run():
     assert torch.equal(part.own_keys, again.own_keys)
 
 
+def test_later_passes_write_what_one_pass_left_missing(tmp_path, monkeypatch):
+    """Where the closed form has room for only part of each layer's share (here: a strong ridge), a second
+    and third bottom-to-top pass write more of the rest; the facts' stored keys are those of the first."""
+    from editing.delta import apply_delta, revert
+    from editing.locate import closed_form_delta
+    from editing.tokens import pair_batch
+
+    monkeypatch.setenv("LMEDIT_CACHE_DIR", str(tmp_path))
+    lm = tiny_llama(layers=4)
+    facts = [("The capital of Japan is", "Rome", "Japan"), ("Toko Yasuda plays the", "piano", "Toko Yasuda")]
+    batch = pair_batch(lm.tokenizer, [(p, t) for p, t, _ in facts], subjects=[s for *_, s in facts],
+                       subject_last=True)
+    hp = resolve_hparams("alphaedit", {"layers": [1, 2], "c0_tokens": 40, "neighbour_weight": 0})
+    modules = target_modules(lm.model, hp)
+    before = read_keys_and_top(lm.model, modules["model.layers.1.mlp.down_proj"], 2, batch, 2)
+    torch.manual_seed(0)
+    z = before.top + 2 * torch.randn_like(before.top)  # (F, H): where block 2's output should go
+    hp = hp.model_copy(update={"l2": float(before.keys.norm(dim=-1).max() ** 2)})  # room for part of it
+    missing, stored = {}, {}
+    for passes in (1, 3):
+        delta, memory = closed_form_delta(lm, "alphaedit", hp.model_copy(update={"passes": passes}), batch, 2, z)
+        originals = apply_delta(lm.model, delta)
+        after = read_keys_and_top(lm.model, modules["model.layers.1.mlp.down_proj"], 2, batch, 2)
+        revert(lm.model, originals)
+        missing[passes] = float(((z - after.top).norm(dim=-1) / (z - before.top).norm(dim=-1)).mean())
+        stored[passes] = memory.keys
+        assert max(f.A.shape[0] for f in delta.lora.values()) == 2 * passes  # each pass adds its factors
+    assert missing[1] > 0.3 and missing[3] < 0.8 * missing[1], missing
+    assert all(torch.equal(stored[1][n], stored[3][n]) for n in stored[1])
+
+
 def _session(tmp_path, monkeypatch) -> EditSession:
     monkeypatch.setenv("LMEDIT_CACHE_DIR", str(tmp_path / "cache"))
     return EditSession(tiny_llama(layers=4), str(tmp_path / "store"))
