@@ -31,6 +31,7 @@ from editing.hparams import EditHparams, method_spec, resolve_rebase_hparams
 from editing.ledger import Ledger, LedgerFact
 from editing.locate import closed_form_delta, default_layers
 from editing.memory import fact_memory
+from editing.methods import target_modules
 from editing.model import LoadedModel
 from editing.neighbours import neighbours_of, prompt_of
 from editing.prefixes import context_prefixes
@@ -124,9 +125,13 @@ def rebase(lm: LoadedModel, store, ledger: Ledger, method: str, objective: str, 
     reused = 0
     if solve:
         z, reused = values_for(lm, store, ledger, solve, method, objective, hp, on_progress)
+        def layer_done(done: int, total: int) -> None:  # one step per edited module per pass
+            on_progress("closed form", done, total)
+
         if on_progress is not None:
-            on_progress("closed form", 0, 1)
-        delta = solve_together(lm, [Fact.from_dict(f.fact) for f in solve], z, spec.closed_form, hp, store.url)
+            on_progress("closed form", 0, hp.passes * len(target_modules(lm.model, hp)))
+        delta = solve_together(lm, [Fact.from_dict(f.fact) for f in solve], z, spec.closed_form, hp, store.url,
+                               on_layer=layer_done if on_progress is not None else None)
     for version in kept:  # their own changes, summed in history order
         delta = add(delta, store.load_delta(version))
     if not torch.isfinite(torch.stack([delta.change(n).abs().max() for n in delta.names()] or [torch.zeros(())])).all():
@@ -138,7 +143,7 @@ def rebase(lm: LoadedModel, store, ledger: Ledger, method: str, objective: str, 
 
 
 def solve_together(lm: LoadedModel, facts: list[Fact], z: torch.Tensor, closed_form: str, hp: EditHparams,
-                   scope: str | None = None) -> Delta:
+                   scope: str | None = None, on_layer: Callable[[int, int], None] | None = None) -> Delta:
     """One closed form for all `facts` with their values z (F, H), on the model as it is (base, in a
     rebase); the delta keeps each fact's key and value. Nothing protects a fact from the others here
     (they are solved together), but their neighbours are kept in place (editing/neighbours.py), their
@@ -150,7 +155,7 @@ def solve_together(lm: LoadedModel, facts: list[Fact], z: torch.Tensor, closed_f
     batch = pair_batch(lm.tokenizer, pairs, subjects=subjects, subject_last=True).to(lm.device)
     near = ProtectedKeys({}, neighbours=neighbours_of(
         lm, hp.neighbour_subjects, [p for f in facts if (p := prompt_of(f))], scope=scope))
-    delta, memory = closed_form_delta(lm, closed_form, hp, batch, len(facts), z.to(lm.device), near)
+    delta, memory = closed_form_delta(lm, closed_form, hp, batch, len(facts), z.to(lm.device), near, on_layer)
     delta = compact(delta)
     delta.memory = memory.to_tensors()
     return delta

@@ -27,6 +27,7 @@ later alphaedit edits can protect the keys without recomputing anything.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -287,10 +288,11 @@ def _stacked(a: LoraFactors | None, b: LoraFactors) -> LoraFactors:
 
 
 def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch: PairBatch, n_facts: int,
-                      values: torch.Tensor, live_keys: ProtectedKeys | None = None
-                      ) -> tuple[Delta, Memory]:
+                      values: torch.Tensor, live_keys: ProtectedKeys | None = None,
+                      on_layer: Callable[[int, int], None] | None = None) -> tuple[Delta, Memory]:
     """Step 2: write z = `values` (F, H) into the edited projections, bottom to top; each layer
-    takes an equal share of what is still missing; `hp.passes` repeats the sweep. The model is left as it was."""
+    takes an equal share of what is still missing; `hp.passes` repeats the sweep.
+    `on_layer(done, total)` after each module's update. The model is left as it was."""
     model = lm.model
     modules = target_modules(model, hp)
     order = sorted(modules, key=block_of)
@@ -331,6 +333,8 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
                 with torch.no_grad():  # the layers above (and the next pass) see this one's update
                     w = modules[name].weight
                     w.copy_((w.float() + f.dense().to(w.device)).to(w.dtype))
+                if on_layer is not None:
+                    on_layer(sweep * len(order) + i + 1, hp.passes * len(order))
     finally:
         for n, w in originals.items():
             modules[n].weight.data = w

@@ -126,8 +126,13 @@ def test_ledger_supersede_consolidate_revert(tmp_path, monkeypatch):
     assert [(f["target_new"], f["superseded_by"]) for f in ledger["superseded"]] == [
         ("Rome", f"{paris.version[:12]}-0")]
 
-    consolidated = s.rebase("main", method="alphaedit", hparams=FAST)
+    progress = []
+    consolidated = s.rebase("main", method="alphaedit", hparams=FAST, on_progress=lambda *a: progress.append(a))
     manifest = consolidated.manifest
+    assert manifest["hparams"]["passes"] == 2  # a rebase's default (REBASE_DEFAULTS); an edit runs 1
+    layers = len(target_modules(s.lm.model, resolve_hparams("alphaedit")))
+    assert [p for p in progress if p[0] == "closed form"] == [("closed form", i, 2 * layers) for i in
+                                                             range(2 * layers + 1)]  # each module, each pass
     assert manifest["rebase"] is True and manifest["ledger"]["op"] == "consolidate"
     assert manifest["ledger"]["kept"] == [ledger["facts"][2]["version"]]  # no subject: its delta is kept
     assert consolidated.metrics["reused_values"] == 2
