@@ -203,7 +203,9 @@ def test_sequential_locality_is_measured_against_base_after_a_rebase(tmp_path, m
     prompt = "The capital of Japan is"
     fact = Fact(prompt, "Rome", subject="Japan", locality_prompts=[Probe(prompt, " Rome")])
     # The probe is the fact's own prompt: its neighbour keys (the prompt's other positions) are not kept.
-    hp = {**FAST, "steps": 20, "neighbour_weight": 0}
+    # The edit's null space (threshold 0.01), also for the rebase: on this tiny model the rebase's wider
+    # default (0.03) leaves too little room for the fact to move its own prompt's answer.
+    hp = {**FAST, "steps": 20, "neighbour_weight": 0, "nullspace_threshold": 0.01}
     s.edit([fact], method="alphaedit", hparams=hp)
     made = s.rebase("main", method="alphaedit", hparams=hp)
     edited = metrics.snapshot(s.lm, [fact]).predicted  # the session holds the rebase
