@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -125,13 +126,12 @@ def rebase(lm: LoadedModel, store, ledger: Ledger, method: str, objective: str, 
     reused = 0
     if solve:
         z, reused = values_for(lm, store, ledger, solve, method, objective, hp, on_progress)
-        def layer_done(done: int, total: int) -> None:  # one step per edited module per pass
-            on_progress("closed form", done, total)
-
-        if on_progress is not None:
+        on_layer = None
+        if on_progress is not None:  # one step per edited module per pass
             on_progress("closed form", 0, hp.passes * len(target_modules(lm.model, hp)))
+            on_layer = partial(on_progress, "closed form")
         delta = solve_together(lm, [Fact.from_dict(f.fact) for f in solve], z, spec.closed_form, hp, store.url,
-                               on_layer=layer_done if on_progress is not None else None)
+                               on_layer=on_layer)
     for version in kept:  # their own changes, summed in history order
         delta = add(delta, store.load_delta(version))
     if not torch.isfinite(torch.stack([delta.change(n).abs().max() for n in delta.names()] or [torch.zeros(())])).all():

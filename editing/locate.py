@@ -317,10 +317,10 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
                 read = read_keys_and_top(model, modules[name], top, batch, n_facts, start=start, inputs=inputs,
                                          capture=block_of(name))
                 inputs, start = read.inputs, block_of(name)
+                if bottom is None and hp.passes > 1:  # kept only for a later pass (it is large: every row's input)
+                    bottom = read.inputs
                 if sweep == 0:
                     first_keys[name], first_own[name] = read.keys, read.own_keys
-                    if i == 0:
-                        bottom = read.inputs
                 residuals = (values.to(read.top.device) - read.top) / (len(order) - i)  # (F, H)
                 keys = read.own_keys if hp.fact_keys == "own" else read.keys
                 if contexts > 1 and hp.fact_keys == "both":
