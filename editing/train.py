@@ -28,6 +28,7 @@ from editing.methods import first_layer, get_method, only_at, target_modules, tr
 from editing.model import LoadedModel
 from editing.neighbours import with_own
 from editing.objectives import TokenStats, objective_loss
+from editing.precision import bfloat16_linears, resolve_precision
 from editing.prefixes import context_prefixes
 from editing.protected import ProtectedKeys
 from editing.tokens import PairBatch, pair_batch
@@ -122,6 +123,8 @@ def edit(
         hp = hp.model_copy(update={"positions": "subject_last",
                                    "layers": hp.layers if hp.layers is not None else default_layers(model)})
 
+    hp = resolve_precision(hp, model)
+
     # The facts' own prompts first, then each behind every context prefix.
     pairs = [(f.prompt, f.target_new) for f in facts]
     own = len(pairs)
@@ -141,10 +144,13 @@ def edit(
     # The lowest block that training runs: the top edited one for a residual value, else the first edited.
     first = first_layer(edited, top=bool(m.closed_form))
     everywhere = not m.closed_form and hp.positions == "all"
-    # Positions before the first one the edit acts at never change: cached once, not run per step.
-    frozen = None if everywhere else freeze_prefix(model, first, batch, first_acting_position(batch))
-    run = frozen.batch if frozen is not None else batch  # the rows training runs, as the edit's hooks see them
     with ExitStack() as stack:
+        lowered = stack.enter_context(ExitStack())  # the training passes' precision: closed before the delta
+        if hp.precision == "bfloat16":
+            lowered.enter_context(bfloat16_linears(model, keep=edited))
+        # Positions before the first one the edit acts at never change: cached once, not run per step.
+        frozen = None if everywhere else freeze_prefix(model, first, batch, first_acting_position(batch), hp.precision)
+        run = frozen.batch if frozen is not None else batch  # the rows training runs, as the edit's hooks see them
         if m.closed_form:  # train the residual value δ at the top edited block; ΔW comes after the loop
             params, penalty, project, values = stack.enter_context(residual_values(model, first, run, own, hp))
             make_delta, originals = None, {}
@@ -183,6 +189,7 @@ def edit(
                     for p, orig in zip(params, originals.values()):
                         p.copy_(torch.clamp(p, orig - hp.norm_constraint, orig + hp.norm_constraint))
             result.steps += 1
+        lowered.close()
         delta = make_delta() if make_delta is not None else None
         z = values() if values is not None else None
     if m.closed_form == "alphaedit" and hp.neighbour_weight > 0:  # the facts' neighbours stay put too
