@@ -14,7 +14,15 @@ from rich.table import Table
 
 from app import cli_cache, cli_export, cli_service, cli_store
 from app.settings import get_settings
-from editing.hparams import DEFAULT_METHOD, DEFAULT_OBJECTIVE, FALLBACK_METHOD, METHODS, OBJECTIVES, choose_method
+from editing.hparams import (
+    DEFAULT_METHOD,
+    DEFAULT_OBJECTIVE,
+    FALLBACK_METHOD,
+    METHODS,
+    OBJECTIVES,
+    REBASE_METHOD,
+    choose_method,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="lmedit: versioned knowledge edits.")
 cli_store.register(app)
@@ -122,7 +130,7 @@ def _rebase(branch: str, revert: list[str] | None, method: str, objective: str, 
 @app.command()
 def consolidate(
     branch: str = typer.Argument("main", help="Branch whose facts in effect to re-solve together"),
-    method: RebaseMethod = "alphaedit", objective: RebaseObjective = DEFAULT_OBJECTIVE, hparams: RebaseHparams = None,
+    method: RebaseMethod = REBASE_METHOD, objective: RebaseObjective = DEFAULT_OBJECTIVE, hparams: RebaseHparams = None,
     store: RebaseStore = None, model: RebaseModel = None, as_json: RebaseJson = False,
 ) -> None:
     """One new version on top of BRANCH: base plus every live fact solved together (a rebase)."""
@@ -133,7 +141,7 @@ def consolidate(
 def revert(
     branch: str = typer.Argument(..., help="Branch to revert facts on"),
     fact_ids: list[str] = typer.Argument(..., help="Fact ids (see `lmedit facts BRANCH`)"),
-    method: RebaseMethod = "alphaedit", objective: RebaseObjective = DEFAULT_OBJECTIVE, hparams: RebaseHparams = None,
+    method: RebaseMethod = REBASE_METHOD, objective: RebaseObjective = DEFAULT_OBJECTIVE, hparams: RebaseHparams = None,
     store: RebaseStore = None, model: RebaseModel = None, as_json: RebaseJson = False,
 ) -> None:
     """A new version in which these facts are no longer in effect and every other still is (a fact that

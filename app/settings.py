@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     # GET /branches/{name} suggests consolidating once this many edits stack on the last rebase (or base):
     # benchmarks/results/REPORT.md section 3 (retention of stacked edits against the number of edits)
     consolidate_after: int = 100
+    # The edit that makes this many edits stack on the branch's last rebase also consolidates the branch, in
+    # the same job, before it reports (0: never; a client consolidates when it chooses): README "Consolidate"
+    auto_consolidate_after: int = 0
     keyframe_every: int = 20  # a stored sum every this many versions of a chain: flat cold checkouts (0: none)
 
     # --- service ---

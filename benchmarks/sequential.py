@@ -12,7 +12,7 @@ model at the head is measured on *all* facts edited so far:
 The store lives in results/cache/, so an interrupted run continues from the branch head.
 
     python benchmarks/sequential.py [--full] [--variants memit,alphaedit] [--objectives overtone,ce]
-        [--dataset counterfact|zsre] [--n N] [--every K] [--consolidate] [--threads 1]
+        [--dataset counterfact|zsre] [--n N] [--every K] [--consolidate] [--consolidate-every N] [--threads 1]
     python benchmarks/sequential.py --consolidate-head --variants alphaedit [--threads 2]
 """
 
@@ -50,7 +50,7 @@ def has_version(store, vid: str) -> bool:
 
 
 def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Path, consolidate: bool,
-        threads: int = 1) -> None:
+        threads: int = 1, consolidate_every: int = 0) -> None:
     from editing.facts import read_cases
     from editing.model import load_model
     from editing.sequential import Measurer, run_sequential
@@ -58,7 +58,8 @@ def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Pat
     from editing.store import VersionStore
 
     method, hparams = VARIANTS[variant]
-    name = f"{variant}-{objective}" + ("" if dataset == "counterfact" else f"-{dataset}")
+    name = f"{variant}-{objective}" + ("" if dataset == "counterfact" else f"-{dataset}") + \
+        (f"-consolidate-every-{consolidate_every}" if consolidate_every else "")
     rows_path = out / "sequential" / f"{name}.jsonl"
     store_dir = out / "cache" / "sequential" / name
     rows = read_jsonl(rows_path)
@@ -78,7 +79,7 @@ def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Pat
         return edits % (every if edits <= 200 else max(every, 100)) == 0
 
     for point in run_sequential(session, facts, every, method, objective, hparams, due=due,
-                                catch_up=lambda edits: edits not in measured):
+                                catch_up=lambda edits: edits not in measured, consolidate_every=consolidate_every):
         if point.edits in measured:
             continue
         row = {"variant": variant, "method": method, "objective": objective, "dataset": dataset,
@@ -153,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=20, help="edits between checkpoints (100 past 200)")
     parser.add_argument("--n", type=int, help="edits (default: 100 quick, 1000 full)")
     parser.add_argument("--consolidate", action="store_true", help="after the last edit, consolidate and measure")
+    parser.add_argument("--consolidate-every", type=int, default=0,
+                        help="as LMEDIT_AUTO_CONSOLIDATE_AFTER: the edit that makes this many versions stack on the "
+                        "last rebase also consolidates the branch (a run of its own: <variant>-<objective>-"
+                        "consolidate-every-N)")
     parser.add_argument("--consolidate-head", action="store_true",
                         help="edit nothing: consolidate the branch as it stands (on a copy) and measure it")
     parser.add_argument("--threads", type=int, help="torch threads (default: 1 for edits, 2 for --consolidate-head)")
@@ -171,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     every = 1 if args.smoke else args.every
     for variant in args.variants.split(","):
         for objective in args.objectives.split(","):
-            run(variant, objective, args.dataset, n, every, args.out, args.consolidate, args.threads or 1)
+            run(variant, objective, args.dataset, n, every, args.out, args.consolidate, args.threads or 1,
+                args.consolidate_every)
 
 
 PEER = "EasyEdit FT-M on SmolLM2, 50 sequential CounterFact edits, re-checked after the last: " \

@@ -183,6 +183,7 @@ def resolve_hparams(method: str, overrides: dict | None = None) -> EditHparams:
 # (0.896 / 0.680, the best retention + locality of the settings tried; 200 facts: 0.984 / 0.802 against one
 # pass's 0.985 / 0.813). README "More passes".
 REBASE_DEFAULTS = {"passes": 2, "nullspace_threshold": 0.03}
+REBASE_METHOD = "alphaedit"  # what consolidate and revert re-solve a branch's facts with, unless asked otherwise
 
 
 def resolve_rebase_hparams(method: str, overrides: dict | None = None) -> EditHparams:

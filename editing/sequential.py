@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from editing import metrics
 from editing.facts import Fact
 from editing.generate import generate
-from editing.hparams import choose_method
+from editing.hparams import REBASE_METHOD, choose_method
 from editing.ledger import identity
 from editing.session import EditSession
 
@@ -123,12 +123,15 @@ def run_sequential(
     on_edit: Callable[[int, float], None] | None = None,
     due: Callable[[int], bool] | None = None,
     catch_up: Callable[[int], bool] | None = None,
+    consolidate_every: int = 0,
 ) -> Iterator[Checkpoint]:
     """Edit `facts` in order on `branch`, continuing after the edits it already holds; yield a
     checkpoint every `every` edits (or where `due(edits)` says) and after the last one. `method`
     None: the default, which falls back for a fact without a subject (editing/hparams.py).
     `catch_up(edits)`: on a resumed branch, which of its past checkpoints to measure first, each on
-    the version that edit made (a run stopped between an edit and its measurement loses nothing)."""
+    the version that edit made (a run stopped between an edit and its measurement loses nothing).
+    `consolidate_every`: as a worker with LMEDIT_AUTO_CONSOLIDATE_AFTER does, the edit that makes this
+    many versions stack on the last rebase also consolidates the branch; checkpoints measure the head."""
     if every < 1:
         raise ValueError("every must be at least 1")
     due = due or (lambda edits: edits % every == 0)
@@ -155,8 +158,11 @@ def run_sequential(
         outcome = session.edit([facts[i]], method=chosen, objective=objective, hparams=hparams,
                                branch=branch, job_id=f"{JOB_PREFIX}{i}")
         seconds.append(outcome.seconds)
+        head = outcome.version
+        if consolidate_every and session.store.edits_since_rebase(head) >= consolidate_every:
+            head = session.rebase(branch, method=REBASE_METHOD, objective=objective).version
         if on_edit is not None:
             on_edit(i + 1, time.perf_counter() - started)
         if due(i + 1) or i + 1 == len(facts):
-            yield measurer.measure(session, outcome.version, facts[: i + 1], seconds)
+            yield measurer.measure(session, head, facts[: i + 1], seconds)
             seconds = []

@@ -24,7 +24,7 @@ from editing.checkout import DEFAULT_KEYFRAME_EVERY, ResidentModel
 from editing.consolidate import check_revertible, rebase, without
 from editing.delta import Delta, apply_delta
 from editing.facts import Fact
-from editing.hparams import DEFAULT_OBJECTIVE, EditHparams, method_spec, resolve_rebase_hparams
+from editing.hparams import DEFAULT_OBJECTIVE, REBASE_METHOD, EditHparams, method_spec, resolve_rebase_hparams
 from editing.ledger import ledger_of
 from editing.memory import live_keys
 from editing.model import LoadedModel
@@ -175,7 +175,7 @@ class EditSession:
     def rebase(
         self,
         branch: str = "main",
-        method: str = "alphaedit",
+        method: str = REBASE_METHOD,
         objective: str = DEFAULT_OBJECTIVE,
         hparams: dict | None = None,
         revert: list[str] | None = None,

@@ -378,6 +378,11 @@ class VersionStore:
                 return chain[i:]
         return chain
 
+    def edits_since_rebase(self, name: str) -> int:
+        """Versions stacked on the last rebase version at or before `name` (or on base): what a
+        consolidate would fold into one (GET /branches/{name}, LMEDIT_AUTO_CONSOLIDATE_AFTER)."""
+        return len(self.weights_chain(name)) - 1
+
     def log(self, name: str = "main") -> list[dict]:
         """Manifests from `name` back to base, newest first."""
         return [self._view(v) for v in reversed(self.ancestry(name))]

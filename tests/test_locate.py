@@ -268,3 +268,20 @@ def test_a_run_stopped_right_after_a_due_edit_measures_it_on_resume(tmp_path, mo
 
     points = list(run_sequential(s, facts, 2, "ft-m", "overtone", hp, catch_up=lambda edits: True))
     assert [(p.edits, p.version == head) for p in points] == [(2, True), (3, False)]
+
+
+def test_a_sequential_run_consolidates_every_n_edits_as_a_worker_would(tmp_path, monkeypatch):
+    """consolidate_every (LMEDIT_AUTO_CONSOLIDATE_AFTER's rule): the edit that makes N versions stack on the
+    last rebase also consolidates; the checkpoint measures that rebase version, the ledger is unchanged."""
+    from editing.ledger import ledger_of
+    from editing.sequential import run_sequential
+
+    s = _session(tmp_path, monkeypatch)
+    facts = [Fact(f"The capital of {c} is", t, subject=c) for c, t in [("Japan", "Rome"), ("France", "Oslo"),
+                                                                      ("Peru", "Cairo")]]
+    points = list(run_sequential(s, facts, 2, "memit", "overtone", FAST, consolidate_every=2))
+    assert [p.edits for p in points] == [2, 3]
+    consolidated = s.store.get(points[0].version)
+    assert consolidated["rebase"] is True and s.store.get(consolidated["parent"])["job_id"] == "seq-1"
+    assert s.store.edits_since_rebase(s.store.head("main")) == 1  # the third edit, stacked on the rebase
+    assert [f.fact["subject"] for f in ledger_of(s.store, s.store.head("main")).live] == ["Japan", "France", "Peru"]

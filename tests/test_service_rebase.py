@@ -87,3 +87,32 @@ def test_a_consolidate_killed_mid_way_leaves_the_store_clean_and_its_retry_one_v
         assert report.ok, report.to_dict()
     finally:
         s.close()
+
+
+def test_a_running_consolidate_reports_its_phase():
+    """A rebase job's progress is its phase, not a training step: GET /edits/{job_id} must show it."""
+    from app.schemas.edits import EditState
+
+    state = EditState(job_id="x", status="running", progress={"phase": "closed form 3/10", "done": 3, "total": 10})
+    assert state.progress.phase == "closed form 3/10" and state.progress.step is None
+    assert EditState(job_id="y", status="running", progress={"step": 4, "steps": 25, "loss": 0.5}).progress.step == 4
+
+
+def test_the_edit_that_reaches_auto_consolidate_after_consolidates_the_branch(tmp_path):
+    with tiny_stack(tmp_path, env={"LMEDIT_AUTO_CONSOLIDATE_AFTER": "2"}) as stack, \
+            httpx.Client(base_url=stack.url, timeout=60) as client:
+        done = []
+        for prompt, subject in (("The capital of Japan is", "Japan"), ("Madrid is in", "Madrid")):
+            r = client.post("/edits", json={"facts": [{"prompt": prompt, "target_new": "Rome", "subject": subject}],
+                                            "method": "memit", "hparams": FAST})
+            assert r.status_code == 202, r.text
+            done.append(poll_edit(client, r.json()["job_id"], stack=stack))
+        assert [d["status"] for d in done] == ["succeeded", "succeeded"]
+        assert "consolidated" not in done[0]  # one edit stacked: not due yet
+        consolidated = done[1]["consolidated"]
+        assert consolidated["status"] == "succeeded" and consolidated["facts"] == 2, consolidated
+        state = client.get("/branches/main").json()
+        assert state["version"] == consolidated["version"] and state["edits_since_rebase"] == 0
+        version = client.get(f"/versions/{consolidated['version']}").json()
+        assert version["rebase"] is True and version["parent"] == done[1]["version"]
+        assert [f["subject"] for f in client.get("/branches/main/facts").json()["facts"]] == ["Japan", "Madrid"]

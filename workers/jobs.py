@@ -18,7 +18,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from editing.facts import Fact
-from editing.hparams import DEFAULT_OBJECTIVE, choose_method
+from editing.hparams import DEFAULT_OBJECTIVE, REBASE_METHOD, choose_method
 from editing.session import phase
 from editing.store import ConflictError, NotFoundError, StoreError, job_metrics
 from editing.train import EditCanceled, EditError, StepInfo
@@ -159,10 +159,13 @@ def apply_edit(request: dict) -> dict | Retry:
         coalesce.release(conn, branch, group)  # the members' own runs only report the version
     _measure_later(conn, outcome.version, job.id)
     made = outcome.manifest["metrics"] if outcome.manifest else outcome.metrics
+    with phase(timings, "consolidate"):
+        consolidated = _consolidate_when_due(engine, job, branch)
     return finish({"status": "succeeded", "version": outcome.version, "parent": outcome.parent,
                    "metrics": job_metrics(made, job.id), **({"batch": group} if group else {}),
                    "metrics_pending": True, "steps": outcome.steps, "seconds": round(outcome.seconds, 4),
-                   "method": method, "timings": timings, **({"note": note} if note else {})})
+                   "method": method, "timings": timings, **({"note": note} if note else {}),
+                   **({"consolidated": consolidated} if consolidated else {})})
 
 
 def _found(conn, store, job_id: str, done: dict) -> dict:
@@ -238,19 +241,43 @@ def _measure_later(conn, version: str, job_id: str) -> None:
         log.warning("could not queue the metrics of %s (edit %s): they stay pending", version, job_id, exc_info=True)
 
 
-def _rebase(engine, job, request: dict) -> dict:
-    """A consolidate or revert job: one rebase version on the branch, in its acceptance order."""
+def _progress_of(job: Job):
+    """A rebase's progress, as the job's meta (GET /edits/{job_id} shows it)."""
 
     def on_progress(phase: str, done: int, total: int) -> None:
         job.meta["progress"] = {"phase": phase, "done": done, "total": total}
         job.save_meta()
 
+    return on_progress
+
+
+def _consolidate_when_due(engine, job: Job, branch: str) -> dict | None:
+    """LMEDIT_AUTO_CONSOLIDATE_AFTER: once that many edits stack on the branch's last rebase (or base), the
+    edit that reaches it consolidates the branch too (a rebase version on top of its own), so that a
+    pipeline's branch is re-solved without a client asking. The edit has landed either way: a failure here
+    is reported beside it, and a crash leaves the count reached, so the next edit consolidates."""
+    every, store = engine.settings.auto_consolidate_after, engine.store
+    try:
+        if not every or store.edits_since_rebase(store.head(branch)) < every:
+            return None
+        # job_id None: this job's id names its edit version (a retry finds that one and stops there)
+        outcome = engine.session.rebase(branch, method=REBASE_METHOD, objective=DEFAULT_OBJECTIVE,
+                                        on_progress=_progress_of(job))
+    except (EditError, ConflictError, NotFoundError, StoreError, ValueError, KeyError) as e:
+        log.warning("edit %s: consolidating %s failed: %s", job.id, branch, e)
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    return {"status": "succeeded", "version": outcome.version, "facts": outcome.metrics.get("facts"),
+            "seconds": round(outcome.seconds, 4)}
+
+
+def _rebase(engine, job, request: dict) -> dict:
+    """A consolidate or revert job: one rebase version on the branch, in its acceptance order."""
     try:
         outcome = engine.session.rebase(
-            request["branch"], method=request.get("method") or "alphaedit",
+            request["branch"], method=request.get("method") or REBASE_METHOD,
             objective=request.get("objective") or DEFAULT_OBJECTIVE, hparams=request.get("hparams") or None,
             revert=request.get("revert") or None, job_id=job.id, key_id=request.get("key_id"),
-            on_progress=on_progress,
+            on_progress=_progress_of(job),
         )
     except (EditError, ConflictError, NotFoundError, StoreError, ValueError, KeyError) as e:
         log.warning("%s %s failed: %s", request["op"], job.id, e)

@@ -14,7 +14,7 @@ from app.deps import EditKey, ServicesDep, StoreDep
 from app.errors import NotFound
 from app.schemas.edits import EditAccepted, Objective
 from app.schemas.versions import BranchName
-from editing.hparams import DEFAULT_OBJECTIVE, METHOD_SPECS
+from editing.hparams import DEFAULT_OBJECTIVE, METHOD_SPECS, REBASE_METHOD
 from editing.ledger import ledger_of
 
 router = APIRouter(prefix="/branches", tags=["facts"])
@@ -25,7 +25,7 @@ ERRORS = {401: {"description": "missing or invalid key"}, 403: {"description": "
 
 class ConsolidateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: str = Field("alphaedit", description=f"The locate-then-edit method that re-solves the facts: "
+    method: str = Field(REBASE_METHOD, description=f"The locate-then-edit method that re-solves the facts: "
                         f"{' | '.join(LOCATE_METHODS)}.", pattern="^(" + "|".join(LOCATE_METHODS) + ")$")
     objective: Objective = DEFAULT_OBJECTIVE
     hparams: dict[str, Any] | None = None

@@ -73,7 +73,7 @@ def rollback_branch(name: BranchName, body: RollbackRequest, store: StoreDep, pr
 def get_branch(name: BranchName, store: StoreDep, settings: SettingsDep, principal: ReadKey) -> dict:
     """The branch's head, the number of facts in effect, and whether a consolidate is suggested."""
     head = store.head(name)
-    stacked = len(store.weights_chain(head)) - 1  # versions on top of the last rebase (or base)
+    stacked = store.edits_since_rebase(head)
     return {"name": name, "version": head, "facts": len(ledger_of(store, head).live),
             "edits_since_rebase": stacked, "consolidate_suggested": stacked >= settings.consolidate_after,
             "consolidate_after": settings.consolidate_after}

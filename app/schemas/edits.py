@@ -83,9 +83,24 @@ class EditAccepted(BaseModel):
 
 
 class Progress(BaseModel):
-    step: int
-    steps: int
+    """An edit's training step, or a consolidate's or revert's phase (the values, then the closed form)."""
+
+    step: int | None = Field(None, description="An edit: optimisation steps taken so far.")
+    steps: int | None = Field(None, description="An edit: the most steps it may take.")
     loss: float | None = None
+    phase: str | None = Field(None, description="A consolidate or revert: what it is doing, e.g. 'closed form 3/10'.")
+    done: int | None = None
+    total: int | None = None
+
+
+class AutoConsolidate(BaseModel):
+    """The consolidate an edit ran after itself (LMEDIT_AUTO_CONSOLIDATE_AFTER)."""
+
+    status: Literal["succeeded", "failed"]
+    version: str | None = Field(None, description="The rebase version, now the branch's head.")
+    facts: int | None = Field(None, description="Facts in effect that it re-solved or kept.")
+    seconds: float | None = None
+    error: str | None = Field(None, description="Why it failed; the edit's own version has landed regardless.")
 
 
 class EditState(BaseModel):
@@ -114,4 +129,7 @@ class EditState(BaseModel):
     seconds: float | None = Field(None, description="The edit alone: training and forming the delta.")
     timings: dict[str, float] | None = Field(None, description="Seconds per phase, acceptance to result: queue, "
                                              "lookup, turn (earlier edits), checkout, training, commit, "
-                                             "checkout_after.")
+                                             "checkout_after, consolidate.")
+    consolidated: AutoConsolidate | None = Field(
+        None, description="This edit made LMEDIT_AUTO_CONSOLIDATE_AFTER edits stack on the branch's last rebase, so "
+        "it also consolidated the branch: a rebase version on top of its own (README 'Consolidate').")

@@ -8,5 +8,8 @@ VERSION=${2:-base}
 curl -sS -X POST "$LMEDIT_URL/branches/$BRANCH/rollback" "${AUTH[@]}" -H 'Content-Type: application/json' \
   -d '{"version": "'"$VERSION"'"}'
 echo
-curl -sS "$LMEDIT_URL/versions?branch=$BRANCH&limit=3" "${AUTH[@]}" | head -c 400
+# the first 400 characters of the branch's log (read whole first: a pipe into head would cut curl off,
+# and with pipefail that fails the script)
+LOG=$(curl -sS "$LMEDIT_URL/versions?branch=$BRANCH&limit=3" "${AUTH[@]}")
+echo "${LOG:0:400}"
 echo
