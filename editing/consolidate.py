@@ -41,6 +41,13 @@ from editing.tokens import pair_batch
 from editing.train import EditError, edit
 
 
+def consolidate_due(stacked: int, every: int) -> bool:
+    """LMEDIT_AUTO_CONSOLIDATE_AFTER's rule (workers/jobs.py, and editing/sequential.py as a benchmark runs
+    it): consolidate when `stacked` versions on the last rebase is a positive multiple of `every` (0: never).
+    A multiple, not "at least": after a consolidate that failed, the next try comes N edits later."""
+    return every > 0 and stacked > 0 and stacked % every == 0
+
+
 @dataclass
 class Rebase:
     delta: Delta

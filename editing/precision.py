@@ -24,13 +24,15 @@ from editing.hparams import EditHparams
 
 
 def native_bfloat16(device: torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 natively (as oneDNN reports it for a CPU)."""
+    """Whether `device` multiplies bfloat16 natively: a CPU with AVX512-BF16 or AMX (oneDNN's own
+    bf16 check also says yes on AVX512 CPUs that only emulate it), a CUDA GPU from Ampere on (older
+    ones emulate it)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a torch built without oneDNN
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        except AttributeError:  # an older torch: no such check, so no claim
             return False
     return False
 
@@ -40,12 +42,14 @@ def resolve_precision(hp: EditHparams, model: torch.nn.Module) -> EditHparams:
     if hp.precision != "auto":
         return hp
     weight = next(model.parameters())
-    bf16 = native_bfloat16(weight.device) and weight.dtype == torch.float32
+    bf16 = native_bfloat16(weight.device) and all(p.dtype == torch.float32 for p in model.parameters())
     return hp.model_copy(update={"precision": "bfloat16" if bf16 else "float32"})
 
 
-def _down(module, args):
-    return (args[0].to(torch.bfloat16), *args[1:])
+def _down(module, args, kwargs):
+    if args:
+        return (args[0].to(torch.bfloat16), *args[1:]), kwargs
+    return args, {**kwargs, "input": kwargs["input"].to(torch.bfloat16)}
 
 
 def _up(module, args, out):
@@ -55,7 +59,9 @@ def _up(module, args, out):
 @contextmanager
 def bfloat16_linears(model: torch.nn.Module, keep: Iterable[str] = ()) -> Iterator[None]:
     """Run the model's frozen `nn.Linear`s in bfloat16 inside the block. `keep`: module names
-    (and everything under them) left in float32, e.g. the modules an edit trains."""
+    (and everything under them) left in float32: the modules an edit trains, and the blocks up to the
+    one whose output a locate-then-edit value is added to (its h must be float32's: the closed form
+    writes z − h with h read in float32; they run once per edit anyway, in the prefix pass)."""
     keep = tuple(keep)
     originals: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
     handles = []
@@ -69,7 +75,7 @@ def bfloat16_linears(model: torch.nn.Module, keep: Iterable[str] = ()) -> Iterat
             for attr, p in params.items():  # a bfloat16 copy in the module's slot: a tied weight (the output
                 originals.append((module, attr, p))  # head's, the embeddings') stays float32 where else it is used
                 setattr(module, attr, torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False))
-            handles += [module.register_forward_pre_hook(_down), module.register_forward_hook(_up)]
+            handles += [module.register_forward_pre_hook(_down, with_kwargs=True), module.register_forward_hook(_up)]
         yield
     finally:
         for handle in handles:

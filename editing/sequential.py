@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from editing import metrics
+from editing.consolidate import consolidate_due
 from editing.facts import Fact
 from editing.generate import generate
 from editing.hparams import REBASE_METHOD, choose_method
@@ -159,7 +160,7 @@ def run_sequential(
                                branch=branch, job_id=f"{JOB_PREFIX}{i}")
         seconds.append(outcome.seconds)
         head = outcome.version
-        if consolidate_every and session.store.edits_since_rebase(head) >= consolidate_every:
+        if consolidate_due(session.store.edits_since_rebase(head), consolidate_every):
             head = session.rebase(branch, method=REBASE_METHOD, objective=objective).version
         if on_edit is not None:
             on_edit(i + 1, time.perf_counter() - started)

@@ -28,6 +28,7 @@ from editing.hparams import DEFAULT_OBJECTIVE, REBASE_METHOD, EditHparams, metho
 from editing.ledger import ledger_of
 from editing.memory import live_keys
 from editing.model import LoadedModel
+from editing.precision import resolve_precision
 from editing.store import NotFoundError, VersionStore
 from editing.train import StepInfo, edit
 
@@ -206,7 +207,8 @@ class EditSession:
                         "kept_versions": len(made.op["kept"]), "seconds": round(made.seconds, 3)}
         manifest = store.commit(
             branch, made.delta, parent=parent, facts=[], method=method, objective=objective,
-            hparams=resolve_rebase_hparams(method, hparams).model_dump(), metrics=measured, job_id=job_id,
+            hparams=resolve_precision(resolve_rebase_hparams(method, hparams), lm.model).model_dump(),
+            metrics=measured, job_id=job_id,
             key_id=key_id, base_fingerprint=lm.fingerprint, rebase=made.op,
         )
         self.resident.checkout(manifest["id"])

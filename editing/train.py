@@ -23,7 +23,7 @@ from editing.frozen_layers import skip_frozen_layers
 from editing.frozen_positions import first_acting_position, freeze_prefix
 from editing.hparams import EditHparams, resolve_hparams
 from editing.keys import fact_keys
-from editing.locate import closed_form_delta, default_layers, residual_values
+from editing.locate import blocks, closed_form_delta, default_layers, residual_values
 from editing.methods import first_layer, get_method, only_at, target_modules, trainable
 from editing.model import LoadedModel
 from editing.neighbours import with_own
@@ -146,8 +146,10 @@ def edit(
     everywhere = not m.closed_form and hp.positions == "all"
     with ExitStack() as stack:
         lowered = stack.enter_context(ExitStack())  # the training passes' precision: closed before the delta
-        if hp.precision == "bfloat16":
-            lowered.enter_context(bfloat16_linears(model, keep=edited))
+        if hp.precision == "bfloat16":  # blocks up to `first` stay float32: what the value is added to is exact
+            below = {id(b) for b in blocks(model)[: first + 1]}
+            kept = [name for name, module in model.named_modules() if id(module) in below]
+            lowered.enter_context(bfloat16_linears(model, keep=[*edited, *kept]))
         # Positions before the first one the edit acts at never change: cached once, not run per step.
         frozen = None if everywhere else freeze_prefix(model, first, batch, first_acting_position(batch), hp.precision)
         run = frozen.batch if frozen is not None else batch  # the rows training runs, as the edit's hooks see them

@@ -113,6 +113,8 @@ def test_the_edit_that_reaches_auto_consolidate_after_consolidates_the_branch(tm
         assert consolidated["status"] == "succeeded" and consolidated["facts"] == 2, consolidated
         state = client.get("/branches/main").json()
         assert state["version"] == consolidated["version"] and state["edits_since_rebase"] == 0
+        assert state["auto_consolidate_after"] == 2
+        assert done[1]["timings"]["consolidate"] > 0 and "consolidate" not in done[0]["timings"]
         version = client.get(f"/versions/{consolidated['version']}").json()
         assert version["rebase"] is True and version["parent"] == done[1]["version"]
         assert [f["subject"] for f in client.get("/branches/main/facts").json()["facts"]] == ["Japan", "Madrid"]

@@ -17,6 +17,7 @@ from rq.job import Job, JobStatus, Retry
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from editing.consolidate import consolidate_due
 from editing.facts import Fact
 from editing.hparams import DEFAULT_OBJECTIVE, REBASE_METHOD, choose_method
 from editing.session import phase
@@ -159,8 +160,7 @@ def apply_edit(request: dict) -> dict | Retry:
         coalesce.release(conn, branch, group)  # the members' own runs only report the version
     _measure_later(conn, outcome.version, job.id)
     made = outcome.manifest["metrics"] if outcome.manifest else outcome.metrics
-    with phase(timings, "consolidate"):
-        consolidated = _consolidate_when_due(engine, job, branch)
+    consolidated = _consolidate_when_due(engine, job, request, timings)
     return finish({"status": "succeeded", "version": outcome.version, "parent": outcome.parent,
                    "metrics": job_metrics(made, job.id), **({"batch": group} if group else {}),
                    "metrics_pending": True, "steps": outcome.steps, "seconds": round(outcome.seconds, 4),
@@ -251,20 +251,24 @@ def _progress_of(job: Job):
     return on_progress
 
 
-def _consolidate_when_due(engine, job: Job, branch: str) -> dict | None:
-    """LMEDIT_AUTO_CONSOLIDATE_AFTER: once that many edits stack on the branch's last rebase (or base), the
-    edit that reaches it consolidates the branch too (a rebase version on top of its own), so that a
-    pipeline's branch is re-solved without a client asking. The edit has landed either way: a failure here
-    is reported beside it, and a crash leaves the count reached, so the next edit consolidates."""
-    every, store = engine.settings.auto_consolidate_after, engine.store
+def _consolidate_when_due(engine, job: Job, request: dict, timings: dict) -> dict | None:
+    """LMEDIT_AUTO_CONSOLIDATE_AFTER = N: the edit that makes N, 2N, 3N … versions stack on the branch's last
+    rebase (or base) consolidates the branch too (a rebase version on top of its own), so that a pipeline's
+    branch is re-solved without a client asking. The edit has landed either way: whatever goes wrong here
+    is reported beside it, never as the edit's failure. After a failure or a crash mid-way the count has
+    passed N, so the next try comes at the next multiple, not at every edit."""
+    every, store, branch = engine.settings.auto_consolidate_after, engine.store, request["branch"]
     try:
-        if not every or store.edits_since_rebase(store.head(branch)) < every:
+        stacked = store.edits_since_rebase(store.head(branch))
+        if not consolidate_due(stacked, every):
             return None
-        # job_id None: this job's id names its edit version (a retry finds that one and stops there)
-        outcome = engine.session.rebase(branch, method=REBASE_METHOD, objective=DEFAULT_OBJECTIVE,
-                                        on_progress=_progress_of(job))
-    except (EditError, ConflictError, NotFoundError, StoreError, ValueError, KeyError) as e:
-        log.warning("edit %s: consolidating %s failed: %s", job.id, branch, e)
+        log.info("edit %s: %d versions stack on %s's last rebase: consolidating", job.id, stacked, branch)
+        with phase(timings, "consolidate"):
+            # job_id None: this job's id names its edit version (a retry finds that one and stops there)
+            outcome = engine.session.rebase(branch, method=REBASE_METHOD, objective=DEFAULT_OBJECTIVE,
+                                            key_id=request.get("key_id"), on_progress=_progress_of(job))
+    except Exception as e:  # noqa: BLE001 - a landed edit must not turn into a failed job
+        log.warning("edit %s: consolidating %s failed: %s", job.id, branch, e, exc_info=True)
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
     return {"status": "succeeded", "version": outcome.version, "facts": outcome.metrics.get("facts"),
             "seconds": round(outcome.seconds, 4)}

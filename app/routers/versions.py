@@ -76,7 +76,7 @@ def get_branch(name: BranchName, store: StoreDep, settings: SettingsDep, princip
     stacked = store.edits_since_rebase(head)
     return {"name": name, "version": head, "facts": len(ledger_of(store, head).live),
             "edits_since_rebase": stacked, "consolidate_suggested": stacked >= settings.consolidate_after,
-            "consolidate_after": settings.consolidate_after}
+            "consolidate_after": settings.consolidate_after, "auto_consolidate_after": settings.auto_consolidate_after}
 
 
 @router.get("/branches/{name}/facts", response_model=Facts, responses=NOT_FOUND, summary="Facts in effect")

@@ -68,6 +68,9 @@ class BranchState(BaseModel):
                                         "consolidate_after: stacked edits start to forget (REPORT.md section 3). "
                                         "POST /branches/{name}/consolidate re-solves every live fact together.")
     consolidate_after: int
+    auto_consolidate_after: int = Field(0, description="LMEDIT_AUTO_CONSOLIDATE_AFTER as the API is configured "
+                                        "(the workers act on their own setting): the edit that makes a multiple of "
+                                        "this many versions stack on the last rebase also consolidates (0: never).")
 
 
 class Refs(BaseModel):
