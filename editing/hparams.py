@@ -160,7 +160,8 @@ class EditHparams(BaseModel):
     )
     precision: Precision = Field(
         "float32", description="Arithmetic of the training steps' forward and backward passes (the trained "
-        "parameters, the closed form and the delta stay float32): 'bfloat16' autocasts them, 'auto' = bfloat16 "
+        "parameters, the closed form and the delta stay float32): 'bfloat16' runs their matrix products in "
+        "bfloat16 (editing/precision.py), 'auto' = bfloat16 "
         "where the hardware computes it natively (a CUDA GPU from Ampere on, a CPU with AVX512-BF16 or AMX), else "
         "float32. Locate-then-edit methods default to 'auto' (their value trains in about 0.6 of the time, "
         "README 'Precision of the value's training').",

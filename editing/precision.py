@@ -3,7 +3,7 @@
 An edit's training steps are almost all matrix products of a few dozen tokens against the
 frozen weights of the blocks above the edit (a locate-then-edit value trains through 22 of
 SmolLM2's 30 blocks and its output head). Where the hardware multiplies bfloat16 natively
-(a CPU with AVX512-BF16 or AMX, a CUDA GPU with bf16), those products take about 0.4 of
+(a CPU with AVX512-BF16 or AMX, a CUDA GPU from Ampere on), those products take about 0.4 of
 float32's time. `bfloat16_linears` runs every frozen `nn.Linear` of the model in bfloat16 for the
 length of a `with` block: the weights are cast once (not at every call, as torch.autocast casts
 weights that need no gradient), each product's input is cast down and its output back up to
