@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from editing.delta import Delta
+from editing.essence import EssenceKL, essence_pairs
 from editing.facts import Fact
 from editing.frozen_layers import skip_frozen_layers
 from editing.frozen_positions import first_acting_position, freeze_prefix
@@ -131,14 +132,23 @@ def edit(
     for prefix in context_prefixes(lm, hp.context_prefixes):
         pairs += [(f"{prefix}. {f.prompt}", f.target_new) for f in facts]
     subjects = [f.subject for f in facts] * (len(pairs) // own)
+    fitted = len(pairs)  # pairs the objective fits; essence rows (ROME's "{subject} is a") come after them
+    if hp.essence_weight > 0 and all(f.subject for f in facts):
+        pairs += essence_pairs(facts)
+        subjects += [f.subject for f in facts]
     batch = pair_batch(tok, pairs, prompt_last=m.prompt_last, subjects=subjects,
                        subject_last=hp.positions == "subject_last", append_eos=hp.append_eos).to(device)
-    own_tokens = batch.seq_of_token < own  # (N,) tokens of the unprefixed prompts
+    fit = int((batch.seq_of_token < fitted).sum())  # tokens are in pair order: the first `fit` are fitted
+    own_tokens = batch.seq_of_token[:fit] < own  # (fit,) tokens of the unprefixed prompts
+    first_of_pair = torch.ones_like(batch.seq_of_token, dtype=torch.bool)
+    first_of_pair[1:] = batch.seq_of_token[1:] != batch.seq_of_token[:-1]
+    essence = EssenceKL(torch.nonzero(first_of_pair & (batch.seq_of_token >= fitted)).squeeze(1),
+                        hp.essence_weight) if fit < len(batch.labels) else None
 
     started = time.perf_counter()
     result = EditResult(delta=Delta(), method=method, objective=objective, hparams=hp, steps=0,
                         stopped_early=False, seconds=0.0,
-                        target_tokens=tok.convert_ids_to_tokens(batch.labels[own_tokens].tolist()))
+                        target_tokens=tok.convert_ids_to_tokens(batch.labels[:fit][own_tokens].tolist()))
     penalty = project = values = None
     edited = {n: None for n in target_modules(model, hp)}
     # The lowest block that training runs: the top edited one for a residual value, else the first edited.
@@ -168,8 +178,12 @@ def edit(
             if is_canceled is not None and is_canceled():
                 raise EditCanceled(f"edit canceled at step {step}")
             logits = frozen.logits(model) if frozen is not None else target_logits(model, batch, inputs)  # (N, V)
-            loss, stats = objective_loss(objective, logits, batch.labels, hp)
-            value = loss.item()
+            loss, stats = objective_loss(objective, logits[:fit], batch.labels[:fit], hp)
+            value = loss.item()  # the fit alone: the stop rule and the trace read it
+            if essence is not None:
+                loss = loss + essence(logits)
+            if penalty is not None:
+                loss = loss + penalty()
             if not math.isfinite(value):
                 raise EditError(f"loss became {value} at step {step}; no delta was formed")
             result.losses.append(value)
