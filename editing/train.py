@@ -136,8 +136,11 @@ def edit(
     if hp.essence_weight > 0 and all(f.subject for f in facts):
         pairs += essence_pairs(facts)
         subjects += [f.subject for f in facts]
-    batch = pair_batch(tok, pairs, prompt_last=m.prompt_last, subjects=subjects,
-                       subject_last=hp.positions == "subject_last", append_eos=hp.append_eos).to(device)
+    def batch_of(n: int) -> PairBatch:
+        return pair_batch(tok, pairs[:n], prompt_last=m.prompt_last, subjects=subjects[:n],
+                          subject_last=hp.positions == "subject_last", append_eos=hp.append_eos).to(device)
+
+    batch = batch_of(len(pairs))
     fit = int((batch.seq_of_token < fitted).sum())  # tokens are in pair order: the first `fit` are fitted
     own_tokens = batch.seq_of_token[:fit] < own  # (fit,) tokens of the unprefixed prompts
     first_of_pair = torch.ones_like(batch.seq_of_token, dtype=torch.bool)
@@ -211,7 +214,9 @@ def edit(
     if m.closed_form == "alphaedit" and hp.neighbour_weight > 0:  # the facts' neighbours stay put too
         live_keys = with_own(lm, hp, facts, live_keys)
     if m.closed_form:  # with the full model back: the closed form reads keys below the top block
-        delta, memory = closed_form_delta(lm, m.closed_form, hp, batch, own, z, live_keys)
+        # the keys: the facts' prompts and context prefixes, not the essence rows
+        solve = batch if essence is None else batch_of(fitted)
+        delta, memory = closed_form_delta(lm, m.closed_form, hp, solve, own, z, live_keys)
         delta.memory = memory.to_tensors()
     bad = [n for n in delta.names() if not torch.isfinite(delta.change(n)).all()]
     if bad:

@@ -46,8 +46,8 @@ def test_value_decay_keeps_the_value_smaller_and_the_reported_loss_is_the_fit_al
     assert decayed_losses[-1] > free_losses[-1]  # the decay holds the fit back
 
 
-def _essence_shift(lm, hparams: dict) -> float:
-    """KL(p₀ ‖ p) of the next token after "{subject} is a", base against edited."""
+def _essence_shift(lm, hparams: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    """KL(p₀ ‖ p) of the next token after "{subject} is a", base against edited; and the stored keys and values."""
     ids = lm.tokenizer(ESSENCE_TEMPLATE.format(FACT.subject), return_tensors="pt").input_ids
     result = edit(lm, [FACT], method="alphaedit", hparams={**FIXED, "value_decay": 0, **hparams})
     with torch.no_grad():
@@ -55,12 +55,14 @@ def _essence_shift(lm, hparams: dict) -> float:
         originals = apply_delta(lm.model, result.delta)
         edited = F.log_softmax(lm.model(input_ids=ids).logits[0, -1], -1)
         revert(lm.model, originals)
-    return float(F.kl_div(edited, base, log_target=True, reduction="sum"))
+    return float(F.kl_div(edited, base, log_target=True, reduction="sum")), result.delta.memory
 
 
 def test_the_essence_term_keeps_what_the_model_says_the_subject_is(tmp_path, monkeypatch):
     monkeypatch.setenv("LMEDIT_CACHE_DIR", str(tmp_path))
     lm = tiny_llama(layers=4)
-    without = _essence_shift(lm, {"essence_weight": 0})
-    kept = _essence_shift(lm, {"essence_weight": 20})
+    without, plain = _essence_shift(lm, {"essence_weight": 0})
+    kept, with_essence = _essence_shift(lm, {"essence_weight": 20})
     assert without > 1e-3 and kept < 0.5 * without, (kept, without)
+    keys = [name for name in plain if "keys" in name]
+    assert keys and all(torch.equal(plain[n], with_essence[n]) for n in keys)  # the essence rows are no key
