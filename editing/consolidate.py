@@ -55,6 +55,7 @@ class Rebase:
     solved: list[LedgerFact]
     reused_values: int  # how many values came from memory rather than a new optimisation
     seconds: float
+    hparams: EditHparams  # as solved: layers resolved (a later consolidate reuses its values by them)
 
 
 def without(ledger: Ledger, fact_ids: list[str], by: str = "pending") -> Ledger:
@@ -98,6 +99,8 @@ def values_for(lm: LoadedModel, store, ledger: Ledger, facts: list[LedgerFact], 
     for i, f in enumerate(facts):
         found = fact_memory(store, ledger, f)
         made_with = store.get(found_version(ledger, f)).get("hparams", {}).get("layers") if found else None
+        if found is not None and made_with is None:  # a rebase recorded before it resolved its layers
+            made_with = default_layers(lm.model)
         if found is not None and made_with == hp.layers:
             memory, row = found
             rows.append(memory.values[row])
@@ -146,7 +149,7 @@ def rebase(lm: LoadedModel, store, ledger: Ledger, method: str, objective: str, 
     record = {"op": op, "solved": [f.fact_id for f in solve], "kept": kept, "method": method}
     if reverted:
         record["facts"] = list(reverted)
-    return Rebase(delta.to("cpu"), record, solve, reused, time.perf_counter() - started)
+    return Rebase(delta.to("cpu"), record, solve, reused, time.perf_counter() - started, hp)
 
 
 def solve_together(lm: LoadedModel, facts: list[Fact], z: torch.Tensor, closed_form: str, hp: EditHparams,

@@ -24,7 +24,7 @@ from editing.checkout import DEFAULT_KEYFRAME_EVERY, ResidentModel
 from editing.consolidate import check_revertible, rebase, without
 from editing.delta import Delta, apply_delta
 from editing.facts import Fact
-from editing.hparams import DEFAULT_OBJECTIVE, REBASE_METHOD, EditHparams, method_spec, resolve_rebase_hparams
+from editing.hparams import DEFAULT_OBJECTIVE, REBASE_METHOD, EditHparams, method_spec
 from editing.ledger import ledger_of
 from editing.memory import live_keys
 from editing.model import LoadedModel
@@ -207,7 +207,7 @@ class EditSession:
                         "kept_versions": len(made.op["kept"]), "seconds": round(made.seconds, 3)}
         manifest = store.commit(
             branch, made.delta, parent=parent, facts=[], method=method, objective=objective,
-            hparams=resolve_precision(resolve_rebase_hparams(method, hparams), lm.model).model_dump(),
+            hparams=resolve_precision(made.hparams, lm.model).model_dump(),
             metrics=measured, job_id=job_id,
             key_id=key_id, base_fingerprint=lm.fingerprint, rebase=made.op,
         )

@@ -144,6 +144,10 @@ def test_ledger_supersede_consolidate_revert(tmp_path, monkeypatch):
     assert [f["target_new"] for f in final["facts"]] == ["Rome", "England", "violin"]  # Rome is back
     assert final["facts"][0]["fact_id"] == f"{rome.version[:12]}-0"
     assert [(f["target_new"], f["reverted_by"]) for f in final["reverted"]] == [("Paris", reverted.version)]
+    # Both values are reused: Rome's from its edit, England's from the consolidate's memory, which
+    # records the layers it solved at (a rebase that recorded none had every older value trained again).
+    assert manifest["hparams"]["layers"] == rome.manifest["hparams"]["layers"] is not None
+    assert reverted.metrics["reused_values"] == 2
     assert len(s.store.ancestry("main")) == 7  # history kept: base, four edits, two rebases
 
 
