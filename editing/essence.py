@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from editing.facts import Fact
+from editing.tokens import PairBatch
 
 ESSENCE_TEMPLATE = "{} is a"
 
@@ -35,3 +36,13 @@ class EssenceKL:
         if self.reference is None:
             self.reference = log_p.detach()
         return self.weight * F.kl_div(log_p, self.reference, log_target=True, reduction="batchmean")
+
+
+def essence_term(batch: PairBatch, first_pair: int, weight: float) -> EssenceKL | None:
+    """The term at the first target position of each pair from `first_pair` on (the essence rows,
+    placed after every pair the objective fits); None where the batch has none."""
+    seq = batch.seq_of_token  # (N,) in pair order
+    first = torch.ones_like(seq, dtype=torch.bool)
+    first[1:] = seq[1:] != seq[:-1]
+    tokens = torch.nonzero(first & (seq >= first_pair)).squeeze(1)  # (F,)
+    return EssenceKL(tokens, weight) if len(tokens) else None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from editing.delta import Delta
-from editing.essence import EssenceKL, essence_pairs
+from editing.essence import essence_pairs, essence_term
 from editing.facts import Fact
 from editing.frozen_layers import skip_frozen_layers
 from editing.frozen_positions import first_acting_position, freeze_prefix
@@ -136,6 +136,7 @@ def edit(
     if hp.essence_weight > 0 and all(f.subject for f in facts):
         pairs += essence_pairs(facts)
         subjects += [f.subject for f in facts]
+
     def batch_of(n: int) -> PairBatch:
         return pair_batch(tok, pairs[:n], prompt_last=m.prompt_last, subjects=subjects[:n],
                           subject_last=hp.positions == "subject_last", append_eos=hp.append_eos).to(device)
@@ -143,10 +144,7 @@ def edit(
     batch = batch_of(len(pairs))
     fit = int((batch.seq_of_token < fitted).sum())  # tokens are in pair order: the first `fit` are fitted
     own_tokens = batch.seq_of_token[:fit] < own  # (fit,) tokens of the unprefixed prompts
-    first_of_pair = torch.ones_like(batch.seq_of_token, dtype=torch.bool)
-    first_of_pair[1:] = batch.seq_of_token[1:] != batch.seq_of_token[:-1]
-    essence = EssenceKL(torch.nonzero(first_of_pair & (batch.seq_of_token >= fitted)).squeeze(1),
-                        hp.essence_weight) if fit < len(batch.labels) else None
+    essence = essence_term(batch, fitted, hp.essence_weight)
 
     started = time.perf_counter()
     result = EditResult(delta=Delta(), method=method, objective=objective, hparams=hp, steps=0,
