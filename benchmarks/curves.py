@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DATA, append_jsonl, arguments, read_jsonl, save_figure, size  # noqa: E402
 from editing.evaluate import bootstrap_ci  # noqa: E402
+from editing.metrics import mean_or_none  # noqa: E402
 
 METHOD = "ft-m"
 # name: (objective, hparams). 5e-3 is the tuned default lr (benchmarks/tune.py); 1e-2 the next one tried.
@@ -176,15 +177,11 @@ class StepMeter:
             else:
                 per_fact[metric].setdefault(i, []).append(sum(a == b for a, b in zip(post, labels)) / len(labels))
         for k in CURVE_METRICS:
-            self.curve[k].append(_mean([_mean(v) for v in per_fact[k].values()]))
+            self.curve[k].append(mean_or_none([mean_or_none(v) for v in per_fact[k].values()]))
 
 
 def _f(x: float | None, digits: int = 2) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
 
 
 def load(results: Path, set_name: str) -> dict[str, list[dict]]:
@@ -204,7 +201,7 @@ def point(rows: list[dict], step: int) -> dict:
     out: dict = {"step": step, "n": len(rows)}
     for k in CURVE_METRICS:
         values = [r["curve"][k][step] for r in rows if r["curve"][k][step] is not None]
-        out[k] = _mean(values)
+        out[k] = mean_or_none(values)
         out[f"{k}_ci"] = bootstrap_ci(values)
     return out
 
@@ -349,7 +346,7 @@ def _auto_point(rows: list[dict], objective: str) -> dict | None:
     out: dict = {"step": "auto", "n": len(rows), "mean_step": sum(at) / len(at)}
     for k in CURVE_METRICS:
         values = [r["curve"][k][s] for r, s in zip(rows, at) if r["curve"][k][s] is not None]
-        out[k] = _mean(values)
+        out[k] = mean_or_none(values)
         out[f"{k}_ci"] = bootstrap_ci(values)
     return out
 

@@ -26,13 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DATA, arguments, size  # noqa: E402
+from benchmarks.common import DATA, arguments, read_jsonl, size, write_json  # noqa: E402
 
 ALIASES = 5  # a hop's answer counts in its first few aliases' words too
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
 
 
 def hop_accuracy(lm, hop: dict, aliases: int = ALIASES) -> float:
@@ -52,11 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
-    from editing.metrics import accuracy
+    from editing.metrics import accuracy, mean_or_none
     from editing.model import load_model
 
     records = json.loads((DATA / "mquake-cf-dev.json").read_text())
-    records = records[: size(args, args.n or len(records), args.n or len(records))]
+    n = args.n or len(records)
+    records = records[: size(args, n, n)]
     lm = load_model("smollm2", device="cpu", threads=args.threads)
     started = time.perf_counter()
     cases = []
@@ -69,16 +66,16 @@ def main(argv: list[str] | None = None) -> None:
         cases.append({
             "id": f"mquake-{r['case_id']}",
             "hops": len(r["single_hops"]),
-            "multi_hop_true": _mean(accuracy(lm, [(q, r["answer"]) for q in questions])),
-            "multi_hop_new_before": _mean(accuracy(lm, [(q, r["new_answer"]) for q in questions])),
-            "true_hops": _mean(true_hops),  # mean token accuracy over the hops
+            "multi_hop_true": mean_or_none(accuracy(lm, [(q, r["answer"]) for q in questions])),
+            "multi_hop_new_before": mean_or_none(accuracy(lm, [(q, r["new_answer"]) for q in questions])),
+            "true_hops": mean_or_none(true_hops),  # mean token accuracy over the hops
             "true_hops_known": all(a == 1.0 for a in true_hops),
-            "unedited_new_hops": _mean(new_hops),
+            "unedited_new_hops": mean_or_none(new_hops),
             "unedited_new_hops_known": all(a == 1.0 for a in new_hops),
         })
 
     def share(key: str, rows: list[dict]) -> float | None:
-        return _mean([float(c[key]) for c in rows])
+        return mean_or_none([float(c[key]) for c in rows])
 
     known = [c for c in cases if c["true_hops_known"]]
     summary = {
@@ -93,22 +90,19 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": round(time.perf_counter() - started, 1),
     }
     if args.edited is not None:
-        edited = {}
-        for line in args.edited.read_text().splitlines():
-            row = json.loads(line)
-            edited[row["id"]] = row["metrics"]["portability"]
+        edited = {row["id"]: row["metrics"]["portability"] for row in read_jsonl(args.edited)}
         both = [c for c in cases if edited.get(c["id"]) is not None]
         summary["edited"] = {
             "file": str(args.edited),
             "n": len(both),
-            "portability": _mean([edited[c["id"]] for c in both]),
-            "where_unedited_new_hops_known": _mean([edited[c["id"]] for c in both if c["unedited_new_hops_known"]]),
+            "portability": mean_or_none([edited[c["id"]] for c in both]),
+            "where_unedited_new_hops_known": mean_or_none([edited[c["id"]] for c in both
+                                                           if c["unedited_new_hops_known"]]),
             "n_known": sum(c["unedited_new_hops_known"] for c in both),
             "multi_hop_new_before_same_records": share("multi_hop_new_before", both),
             "multi_hop_true_same_records": share("multi_hop_true", both),
         }
-    out = args.out / "multihop_ceiling.json"
-    out.write_text(json.dumps({"summary": summary, "cases": cases}, indent=1) + "\n")
+    write_json(args.out / "multihop_ceiling.json", {"summary": summary, "cases": cases})
     print(json.dumps(summary, indent=1))
 
 

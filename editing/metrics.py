@@ -80,7 +80,8 @@ def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
     return sum(values) / len(values)
 
 
-def _mean(xs: list[float]) -> float | None:
+def mean_or_none(xs: list[float]) -> float | None:
+    """The mean; None for no values (a fact without such prompts), so that it is left out, not counted 0."""
     return sum(xs) / len(xs) if xs else None
 
 
@@ -93,24 +94,24 @@ def measure(lm: LoadedModel, facts: list[Fact], before: Snapshot, fluency_tokens
     for i, f in enumerate(facts):
         per_fact["reliability"][i] = rel[i]
         if f.rephrase_prompts:
-            per_fact["generalization"][i] = _mean(accuracy(lm, [(p, f.target_new) for p in f.rephrase_prompts]))
+            per_fact["generalization"][i] = mean_or_none(accuracy(lm, [(p, f.target_new) for p in f.rephrase_prompts]))
         if before.probes[i]:
             now = predictions(lm, [(p.prompt, p.answer) for p in before.probes[i]])
             agree = [sum(a == b for a, b in zip(pre, post)) / len(pre)
                      for pre, (post, _) in zip(before.predicted[i], now)]
-            per_fact["locality"][i] = _mean(agree)
+            per_fact["locality"][i] = mean_or_none(agree)
             # Position 0 of each probe's answer is the next token after its prompt: no extra forward.
             new_first = [encode_pair(lm.tokenizer, p.prompt, f.target_new)[1][0] for p in before.probes[i]]
             flips = [pre[0] != t and post[0] == t for pre, (post, _), t in zip(before.predicted[i], now, new_first)]
-            per_fact["neighbour_flips"][i] = _mean([float(x) for x in flips])
+            per_fact["neighbour_flips"][i] = mean_or_none([float(x) for x in flips])
         if f.portability:
-            per_fact["portability"][i] = _mean(accuracy(lm, [(p.prompt, p.answer) for p in f.portability]))
+            per_fact["portability"][i] = mean_or_none(accuracy(lm, [(p.prompt, p.answer) for p in f.portability]))
     if fluency_tokens > 0:
         texts = generate(lm, [f.prompt for f in facts], max_new_tokens=fluency_tokens)
         per_fact["fluency"] = {i: ngram_entropy(f.prompt + " " + t) for i, (f, t) in enumerate(zip(facts, texts))}
 
     def averaged(start: int, stop: int) -> dict:
-        return {k: _mean([x for i, x in v.items() if start <= i < stop]) for k, v in per_fact.items()}
+        return {k: mean_or_none([x for i, x in v.items() if start <= i < stop]) for k, v in per_fact.items()}
 
     out = averaged(0, len(facts))
     if jobs:
