@@ -258,6 +258,9 @@ def evaluate_cmd(
     store: str | None = typer.Option(None, help="--sequential: keep the branch in this store (default: a "
                                      "temporary one)"),
     branch: str = typer.Option("main", help="--sequential: the branch to edit"),
+    consolidate_every: int = typer.Option(0, "--consolidate-every", min=0, help="--sequential: consolidate the "
+                                          "branch whenever this many edits stack on its last rebase, as a worker "
+                                          "with LMEDIT_AUTO_CONSOLIDATE_AFTER does (0: never)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Single-edit protocol: edit each record on the unedited weights, measure, average.
@@ -286,7 +289,9 @@ def evaluate_cmd(
         fail(f"{data}: no records at offset {offset}")
     if sequential:
         return _sequential(cases, requested, objective, _hparams(hparams), every, store, branch, resume,
-                           model, threads, as_json)
+                           model, threads, as_json, consolidate_every)
+    if consolidate_every:
+        fail("--consolidate-every needs --sequential (a branch to consolidate)")
     config = {"method": method, "objective": objective, "hparams": _hparams(hparams),
               "fluency_tokens": fluency_tokens, "model": model or get_settings().model}
     if resume and not out:
@@ -321,7 +326,8 @@ def evaluate_cmd(
 
 
 def _sequential(cases, method: str | None, objective: str, hparams: dict, every: int, store: str | None, branch: str,
-                resume: bool, model: str | None, threads: int | None, as_json: bool) -> None:
+                resume: bool, model: str | None, threads: int | None, as_json: bool,
+                consolidate_every: int = 0) -> None:
     """`lmedit eval --sequential`: see editing/sequential.py."""
     import tempfile
 
@@ -354,7 +360,8 @@ def _sequential(cases, method: str | None, objective: str, hparams: dict, every:
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task(f"{method or DEFAULT_METHOD} + {objective}", total=len(facts), completed=done)
             for point in run_sequential(session, facts, every, method, objective, hparams, branch,
-                                        on_edit=lambda i, s: progress.update(task, completed=i)):
+                                        on_edit=lambda i, s: progress.update(task, completed=i),
+                                        consolidate_every=consolidate_every):
                 row = point.to_dict()
                 if as_json:
                     print(json.dumps(row), flush=True)

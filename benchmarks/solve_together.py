@@ -10,9 +10,12 @@ and the prompt's last; the prompt's last and the answer's), which says where loc
     python benchmarks/solve_together.py values --n 1000      # z per record, 8 at a time (resumable)
     python benchmarks/solve_together.py solve --n 200 [--hparams '{"neighbour_weight": 0}']
     python benchmarks/solve_together.py positions --n 200 [--hparams ...]
+    python benchmarks/solve_together.py values --n 1000 --values '{"tau": 0.99}'   # a second set of values
+    python benchmarks/solve_together.py solve --n 1000 --values '{"tau": 0.99}' [--hparams ...]
 
 Values are trained 8 records at a time until all 8 fit (at most the method's `steps`), so they
-are somewhat stronger than a single edit's; compare rows made from the same values. The hparams are an
+are somewhat stronger than a single edit's; compare rows made from the same values. `--values`
+names hparams the values are trained with (a file of their own; rows record them). The hparams are an
 edit's (one pass of the closed form); a consolidate adds `REBASE_DEFAULTS` (`passes` 2). Rows go to
 results/solve_together.jsonl; values to results/cache/solve_together/.
 """
@@ -26,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DATA, append_jsonl, arguments  # noqa: E402
+from benchmarks.common import DATA, append_jsonl, arguments, save_figure  # noqa: E402
 
 CHUNK = 8  # records whose values are trained together
 REGIONS = ("all", "first", "middle", "last")
@@ -44,16 +47,17 @@ def read_facts(n: int):
     return [c.facts[0] for c in read_cases(DATA / "counterfact-dev.json", offset=0, n=n)]
 
 
-def values_path(out: Path, objective: str) -> Path:
-    return out / "cache" / "solve_together" / f"values-{objective}.pt"
+def values_path(out: Path, objective: str, trained_with: dict) -> Path:
+    label = "".join(f"-{k}-{v}" for k, v in sorted(trained_with.items()))
+    return out / "cache" / "solve_together" / f"values-{objective}{label}.pt"
 
 
-def values(n: int, objective: str, out: Path, threads: int) -> None:
+def values(n: int, objective: str, trained_with: dict, out: Path, threads: int) -> None:
     import torch
 
     from editing.train import edit
 
-    path = values_path(out, objective)
+    path = values_path(out, objective, trained_with)
     have = torch.load(path) if path.exists() else {}
     lm, facts = load(threads), read_facts(n)
     for start in range(0, n, CHUNK):
@@ -61,7 +65,8 @@ def values(n: int, objective: str, out: Path, threads: int) -> None:
         if all(i in have for i in rows):
             continue
         t0 = time.perf_counter()
-        result = edit(lm, facts[rows[0]: rows[-1] + 1], method="alphaedit", objective=objective)
+        result = edit(lm, facts[rows[0]: rows[-1] + 1], method="alphaedit", objective=objective,
+                      hparams=trained_with)
         for j, i in enumerate(rows):
             have[i] = result.delta.memory["values"][j].clone()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +75,8 @@ def values(n: int, objective: str, out: Path, threads: int) -> None:
         print(f"values {rows[0]}–{rows[-1]}: {time.perf_counter() - t0:.0f} s, {result.steps} steps", flush=True)
 
 
-def solve(n: int, objective: str, method: str, overrides: dict, out: Path, threads: int, regions: bool) -> dict:
+def solve(n: int, objective: str, trained_with: dict, method: str, overrides: dict, out: Path, threads: int,
+          regions: bool) -> dict:
     import torch
 
     from editing import metrics
@@ -79,10 +85,11 @@ def solve(n: int, objective: str, method: str, overrides: dict, out: Path, threa
     from editing.hparams import resolve_hparams
     from editing.locate import default_layers
 
-    have = torch.load(values_path(out, objective))
+    path = values_path(out, objective, trained_with)
+    have = torch.load(path) if path.exists() else {}
     missing = [i for i in range(n) if i not in have]
     if missing:
-        raise SystemExit(f"no values for records {missing[:5]}…: run `values --n {n}` first")
+        raise SystemExit(f"no values for records {missing[:5]}…: run `values --n {n}` (with the same --values) first")
     lm, facts = load(threads), read_facts(n)
     hp = resolve_hparams(method, overrides)
     hp = hp.model_copy(update={"layers": hp.layers if hp.layers is not None else default_layers(lm.model)})
@@ -93,7 +100,8 @@ def solve(n: int, objective: str, method: str, overrides: dict, out: Path, threa
     originals = apply_delta(lm.model, delta)
     measured = metrics.measure(lm, facts, before)
     revert(lm.model, originals)
-    row = {"n": n, "method": method, "objective": objective, "hparams": overrides, "threads": threads,
+    row = {"n": n, "method": method, "objective": objective, "hparams": overrides,
+           **({"values": trained_with} if trained_with else {}), "threads": threads,
            "seconds": round(seconds, 1), **{k: measured[k] for k in
                                             ("reliability", "generalization", "locality", "neighbour_flips")}}
     if regions:
@@ -149,7 +157,8 @@ def report(results: Path) -> str:
     """Section 8 (empty without rows): every solve, latest row per configuration."""
     from benchmarks.common import read_jsonl
 
-    rows = {(r["n"], r["method"], r["objective"], json.dumps(r["hparams"], sort_keys=True)): r
+    rows = {(r["n"], r["method"], r["objective"], json.dumps(r["hparams"], sort_keys=True),
+             json.dumps(r.get("values", {}), sort_keys=True)): r
             for r in read_jsonl(results / "solve_together.jsonl")}
     if not rows:
         return ""
@@ -161,12 +170,48 @@ def report(results: Path) -> str:
              "last, or at the prompt's last token and the answer's.", "",
              "| n | method | hparams | retention | generalization | locality | neighbour flips | s | positions: "
              "first / middle / last |", "|---|---|---|---|---|---|---|---|---|"]
-    for (n, method, _, hp), r in sorted(rows.items()):
+    for (n, method, _, hp, trained_with), r in sorted(rows.items()):
+        if trained_with != "{}":
+            hp = f"{hp}, values trained with {trained_with}"
         where_ = r.get("positions")
         cell = " / ".join(f"{where_[k]['locality']:.3f}" for k in ("first", "middle", "last")) if where_ else "–"
         lines.append(f"| {n} | {method} | `{hp}` | {r['reliability']:.3f} | {r['generalization']:.3f} | "
                      f"{r['locality']:.3f} | {r['neighbour_flips']:.3f} | {r['seconds']:.0f} | {cell} |")
+    largest = max(n for n, *_ in rows)
+    _plot([r for (n, *_), r in sorted(rows.items()) if n == largest], results / "solve_together.png")
+    lines += ["", f"![retention against locality of {largest:,} facts solved together, one point per setting]"
+              "(solve_together.png)", ""]
     return "\n".join(lines + [""])
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    """Retention against locality, one numbered point per setting (named in the legend): a
+    trade-off shows as a curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for i, r in enumerate(rows, 1):
+        label = ", ".join(_short(k, v) for k, v in r["hparams"].items()) or "one pass, defaults"
+        if r.get("values"):
+            label += "; values " + ", ".join(_short(k, v) for k, v in r["values"].items())
+        ax.scatter(r["locality"], r["reliability"], s=22, label=f"{i}: {label}")
+        ax.annotate(str(i), (r["locality"], r["reliability"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel("locality (against the base model)")
+    ax.set_ylabel("retention (reliability of every fact)")
+    ax.set_title(f"{rows[0]['n']:,} facts of counterfact-dev solved together ({rows[0]['method']})")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    save_figure(fig, path)
+
+
+def _short(key: str, value) -> str:
+    if key == "layers":
+        return f"blocks {value[0]}–{value[-1]}"
+    if key == "c0_source":
+        return f"C0 {Path(value).name}"
+    return f"{key} {value}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,13 +222,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--objective", default="overtone")
     parser.add_argument("--method", default="alphaedit", choices=["alphaedit", "memit"])
     parser.add_argument("--hparams", type=json.loads, default={}, help="JSON hparams on top of the method's")
+    parser.add_argument("--values", type=json.loads, default={},
+                        help="JSON hparams the values are trained with (their own file)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     n = 2 if args.smoke else args.n
     if args.step == "values":
-        values(n, args.objective, args.out, args.threads)
+        values(n, args.objective, args.values, args.out, args.threads)
         return
-    row = solve(n, args.objective, args.method, args.hparams, args.out, args.threads, args.step == "positions")
+    row = solve(n, args.objective, args.values, args.method, args.hparams, args.out, args.threads,
+                args.step == "positions")
     print(json.dumps(row))
 
 

@@ -123,6 +123,23 @@ def test_eval_sequential_checkpoints_and_resumes(model_dir, tmp_path):
     assert code == 1  # --resume needs --store
 
 
+def test_eval_sequential_consolidates_every_n_edits(model_dir, tmp_path):
+    data = tmp_path / "facts.json"
+    data.write_text(json.dumps([{"prompt": f"The capital of {c} is", "target_new": t, "subject": c}
+                                for c, t in [("Japan", "Rome"), ("France", "Oslo"), ("Peru", "Cairo")]]))
+    store = tmp_path / "store"
+    code, out = run("eval", "--data", data, "--model", model_dir, "--method", "memit", "--sequential", "--every", "2",
+                    "--consolidate-every", "2", "--store", store, "--json",
+                    "--hparams", json.dumps({"context_prefixes": 1, "steps": 3}))
+    assert code == 0, out
+    assert [json.loads(line)["edits"] for line in out.splitlines()] == [2, 3]
+    code, out = run("versions", "--store", store, "--json")
+    rebases = [v for v in json.loads(out) if v.get("rebase")]
+    assert len(rebases) == 1  # after the second edit; the third stacks on it
+    refused = runner.invoke(app, ["eval", "--data", str(data), "--model", model_dir, "--consolidate-every", "2"])
+    assert refused.exit_code == 1 and "needs --sequential" in refused.stderr
+
+
 def test_diagnose_writes_json_and_png(model_dir, tmp_path):
     stem = tmp_path / "hto"
     code, out = run("diagnose", "--prompt", "The Eiffel Tower is in", "--target", "Rome", "--steps", "5",
