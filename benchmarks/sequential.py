@@ -36,6 +36,7 @@ VARIANTS = {
     "ft-k": ("ft-k", {}),  # ROME-like: the change acts along each fact's key only
     "memit": ("memit", {}),
     "alphaedit": ("alphaedit", {}),
+    "alphaedit-tau-0.99": ("alphaedit", {"tau": 0.99}),  # README "Longer values on a consolidated branch"
 }
 
 
