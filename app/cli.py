@@ -327,7 +327,7 @@ def evaluate_cmd(
 
 def _sequential(cases, method: str | None, objective: str, hparams: dict, every: int, store: str | None, branch: str,
                 resume: bool, model: str | None, threads: int | None, as_json: bool,
-                consolidate_every: int = 0) -> None:
+                consolidate_every: int) -> None:
     """`lmedit eval --sequential`: see editing/sequential.py."""
     import tempfile
 

@@ -171,7 +171,7 @@ def report(results: Path) -> str:
              "| n | method | hparams | retention | generalization | locality | neighbour flips | s | positions: "
              "first / middle / last |", "|---|---|---|---|---|---|---|---|---|"]
     for (n, method, _, hp, trained_with), r in sorted(rows.items()):
-        if trained_with != "{}":
+        if r.get("values"):
             hp = f"{hp}, values trained with {trained_with}"
         where_ = r.get("positions")
         cell = " / ".join(f"{where_[k]['locality']:.3f}" for k in ("first", "middle", "last")) if where_ else "–"
