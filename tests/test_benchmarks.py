@@ -71,3 +71,13 @@ def test_value_curves_solve_each_record_at_each_step(tmp_path):
             .splitlines()]
     assert [r["index"] for r in rows] == [0, 1] and all(set(r["steps"]) == {"2"} for r in rows)
     assert all(0 <= r["steps"]["2"]["locality"] <= 1 for r in rows)
+
+
+@pytest.mark.timeout(900)
+def test_locality_failures_reads_a_sequential_checkpoint(tmp_path):
+    run_script("sequential", "--smoke", "--variants", "alphaedit", "--out", str(tmp_path))
+    run_script("locality_failures", "--run", "alphaedit-overtone", "--edits", "2", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "locality-failures" / "alphaedit-overtone-2.json").read_text())
+    assert result["probes"] == 2 and 0 <= result["first_token_agreement"] <= 1
+    assert sum(result["counts"].get(k, 0) for k in ("unchanged", "own_new_target", "another_new_target",
+                                                    "toward_true_answer", "away_from_true_answer", "elsewhere")) == 2
