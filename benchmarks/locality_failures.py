@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DATA, RESULTS, read_jsonl, write_json  # noqa: E402
+from benchmarks.common import RESULTS, read_jsonl, write_json  # noqa: E402
 
 CHUNK = 32
 EXAMPLES = 5
@@ -53,23 +53,25 @@ def read_answers(lm, pairs: list[tuple[str, str]]):
             seq = batch.seq_of_token.tolist()
             first = [j for j in range(len(seq)) if j == 0 or seq[j] != seq[j - 1]]  # (B,) one per pair
             first_dists.append(p[first])  # (B, V)
-            for j in range(len(pairs[start:start + CHUNK])):
-                at = [t for t in range(len(seq)) if seq[t] == j]
-                positions.append([(int(top[t]), float(top_p[t])) for t in at])
+            chunk = [[] for _ in first]
+            for t, j in enumerate(seq):  # answer tokens come in pair order
+                chunk[j].append((int(top[t]), float(top_p[t])))
+            positions += chunk
     return torch.cat(first_dists), positions
 
 
 def by_confidence(base: list[list[tuple[int, float]]], head: list[list[tuple[int, float]]]) -> dict:
     """Locality as editing/metrics.py scores it (per probe: the share of answer positions whose top-1 is
     base's, then the mean over probes), and the answer positions split by base's confidence there."""
+    from editing.metrics import mean_or_none
+
     per_probe = [sum(a == b for (a, _), (b, _) in zip(x, y)) / len(x) for x, y in zip(base, head)]
     pooled = [(p >= CONFIDENT, a == b) for x, y in zip(base, head) for (a, p), (b, _) in zip(x, y)]
     confident = [kept for sure, kept in pooled if sure]
     unsure = [kept for sure, kept in pooled if not sure]
-    return {"locality_recomputed": sum(per_probe) / len(per_probe),
+    return {"locality_recomputed": mean_or_none(per_probe),
             "positions": len(pooled), "confident_positions": len(confident),
-            "confident_positions_kept": sum(confident) / len(confident) if confident else None,
-            "unsure_positions_kept": sum(unsure) / len(unsure) if unsure else None}
+            "confident_positions_kept": mean_or_none(confident), "unsure_positions_kept": mean_or_none(unsure)}
 
 
 def classify(tok, facts, pairs, owner, p_base, p_head) -> dict:
@@ -134,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = args.out
 
-    from benchmarks.sequential import FIRST_RECORD
-    from editing.facts import read_cases
+    from benchmarks.sequential import sequence_facts
     from editing.model import load_model
     from editing.sequential import in_effect
     from editing.session import EditSession
@@ -145,8 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         raise SystemExit(f"no checkpoint at {args.edits} edits in results/sequential/{args.run}.jsonl")
     version = rows[-1]["version"]
-    path, offset = {"counterfact": ("counterfact-dev.json", FIRST_RECORD), "zsre": ("zsre-dev.json", 0)}[args.dataset]
-    facts = in_effect([c.facts[0] for c in read_cases(DATA / path, offset=offset, n=args.edits)])
+    facts = in_effect(sequence_facts(args.dataset, args.edits))
     pairs = [(p.prompt, p.answer) for f in facts for p in f.locality_prompts]
     owner = [i for i, f in enumerate(facts) for _ in f.locality_prompts]
     lm = load_model("smollm2", device="cpu", threads=args.threads)
@@ -164,16 +164,17 @@ def main(argv: list[str] | None = None) -> None:
               **classify(lm.tokenizer, facts, pairs, owner, p_base, p_head)}
     write_json(out / "locality-failures" / f"{args.run}-{args.edits}.json", result)
     c = result["counts"]
+    share = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731 (none: no such probes)
     print(f"{args.run} at {args.edits}: locality {result['locality']:.3f}, first-token agreement "
           f"{result['first_token_agreement']:.3f}, known facts kept {c.get('base_knows_kept', 0)}/"
           f"{c.get('base_knows', 0)}, confident answers kept {c.get('base_confident_kept', 0)}/"
           f"{c.get('base_confident', 0)}; answer positions base is sure of (p >= {CONFIDENT}) kept "
-          f"{result['confident_positions_kept']:.3f} ({result['confident_positions']} of {result['positions']}), "
-          f"the others {result['unsure_positions_kept']:.3f}; changed: "
+          f"{share(result['confident_positions_kept'])} ({result['confident_positions']} of {result['positions']}), "
+          f"the others {share(result['unsure_positions_kept'])}; changed: "
           + ", ".join(f"{k} {c.get(k, 0)}" for k in ("own_new_target", "another_new_target", "toward_true_answer",
                                                    "away_from_true_answer", "elsewhere"))
-          + f"; base's median p of its top-1 where it changed {result['median_base_p_changed']:.3f}, where it "
-          f"stayed {result['median_base_p_kept']:.3f}")
+          + f"; base's median p of its top-1 where it changed {share(result['median_base_p_changed'])}, where it "
+          f"stayed {share(result['median_base_p_kept'])}")
 
 
 if __name__ == "__main__":

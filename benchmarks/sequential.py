@@ -30,6 +30,7 @@ from benchmarks import edit_speed  # noqa: E402
 from benchmarks.common import DATA, append_jsonl, arguments, read_jsonl, save_figure, size  # noqa: E402
 
 FIRST_RECORD = 1000  # counterfact-dev: records 0–999 are for tuning
+SEQUENCES = {"counterfact": ("counterfact-dev.json", FIRST_RECORD), "zsre": ("zsre-dev.json", 0)}  # file, first record
 # name -> (method, hparams on top of the method's defaults)
 VARIANTS = {
     "ft-m": ("ft-m", {}),
@@ -38,6 +39,14 @@ VARIANTS = {
     "alphaedit": ("alphaedit", {}),
     "alphaedit-tau-0.99": ("alphaedit", {"tau": 0.99}),  # README "Longer values on a consolidated branch"
 }
+
+
+def sequence_facts(dataset: str, n: int) -> list:
+    """The first `n` facts a run on `dataset` edits, in order."""
+    from editing.facts import read_cases
+
+    path, offset = SEQUENCES[dataset]
+    return [c.facts[0] for c in read_cases(DATA / path, offset=offset, n=n)]
 
 
 def has_version(store, vid: str) -> bool:
@@ -52,7 +61,6 @@ def has_version(store, vid: str) -> bool:
 
 def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Path, consolidate: bool,
         threads: int = 1, consolidate_every: int = 0) -> None:
-    from editing.facts import read_cases
     from editing.model import load_model
     from editing.sequential import Measurer, run_sequential
     from editing.session import EditSession
@@ -65,8 +73,7 @@ def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Pat
     store_dir = out / "cache" / "sequential" / name
     rows = read_jsonl(rows_path)
     lm = load_model("smollm2", device="cpu", threads=threads)
-    path, offset = {"counterfact": ("counterfact-dev.json", FIRST_RECORD), "zsre": ("zsre-dev.json", 0)}[dataset]
-    facts = [c.facts[0] for c in read_cases(DATA / path, offset=offset, n=n)]
+    facts = sequence_facts(dataset, n)
     if not rows and store_dir.exists():
         shutil.rmtree(store_dir)  # no measurement survived: start over
     # A run that continues its store skips the checkpoints it already wrote there (rows whose version
@@ -112,7 +119,6 @@ def consolidate_head(variant: str, objective: str, dataset: str, out: Path, thre
     row, kept apart from the run's)."""
     import tempfile
 
-    from editing.facts import read_cases
     from editing.model import load_model
     from editing.sequential import Measurer, edits_done
     from editing.session import EditSession
@@ -129,8 +135,7 @@ def consolidate_head(variant: str, objective: str, dataset: str, out: Path, thre
         shutil.copytree(out / "cache" / "sequential" / name, copy, ignore=shutil.ignore_patterns("locks"))
         session = EditSession(lm, VersionStore.open(str(copy), base_fingerprint=lm.fingerprint))
         done = edits_done(session, "main")
-        path, offset = {"counterfact": ("counterfact-dev.json", FIRST_RECORD), "zsre": ("zsre-dev.json", 0)}[dataset]
-        facts = [c.facts[0] for c in read_cases(DATA / path, offset=offset, n=done)]
+        facts = sequence_facts(dataset, done)
         t0 = time.perf_counter()
         outcome = session.rebase("main", method=method, objective=objective, hparams=hparams)
         seconds = time.perf_counter() - t0
