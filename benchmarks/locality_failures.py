@@ -6,6 +6,8 @@ of a `benchmarks/sequential.py` run (its row's version, in the run's store under
 and, at each probe's first answer position, compares base and that version:
 - unchanged, or changed to the probe's own fact's new target (a neighbour flip), to another live
   fact's new target, toward the probe's true answer, away from it, or elsewhere;
+- the shape of each changed first answer, before and after: a name (a capitalised word) or other
+  (" the", " a", punctuation), so that base's " the" become " Canada" reads as "other_to_name";
 - base's probability of its own top-1, for the changed and the kept probes;
 - known facts kept: of the probes whose true answer base ranks first, the share still ranked first;
 - confident answers kept: of the probes where base's top-1 has p ≥ 0.5, the share whose top-1 stays;
@@ -74,6 +76,13 @@ def by_confidence(base: list[list[tuple[int, float]]], head: list[list[tuple[int
             "confident_positions_kept": mean_or_none(confident), "unsure_positions_kept": mean_or_none(unsure)}
 
 
+def shape(token: str) -> str:
+    """'name' for a token that reads as the start of a name (a capitalised word: " Canada", " English"),
+    'other' for the rest (" the", " a", a space, punctuation): whether an answer names something yet."""
+    word = token.strip()
+    return "name" if word[:1].isupper() and word.isalpha() else "other"
+
+
 def classify(tok, facts, pairs, owner, p_base, p_head) -> dict:
     """Counts, base confidences and examples of what changed between the two distributions."""
     from editing.tokens import encode_pair
@@ -108,6 +117,8 @@ def classify(tok, facts, pairs, owner, p_base, p_head) -> dict:
         else:
             kind = "elsewhere"
         counts[kind] += 1
+        # "X is located in" → " the" at base and " Canada" now: an answer given at once instead of a phrase
+        counts[f"{shape(tok.decode([before]))}_to_{shape(tok.decode([after]))}"] += 1
         counts["changed_base_p_below_0.3"] += confidence < 0.3
         examples.setdefault(kind, [])
         if len(examples[kind]) < EXAMPLES:
@@ -173,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
           f"the others {share(result['unsure_positions_kept'])}; changed: "
           + ", ".join(f"{k} {c.get(k, 0)}" for k in ("own_new_target", "another_new_target", "toward_true_answer",
                                                    "away_from_true_answer", "elsewhere"))
+          + "; from / to a name: " + ", ".join(f"{k} {c.get(k, 0)}" for k in ("other_to_name", "other_to_other",
+                                                                          "name_to_name", "name_to_other"))
           + f"; base's median p of its top-1 where it changed {share(result['median_base_p_changed'])}, where it "
           f"stayed {share(result['median_base_p_kept'])}")
 

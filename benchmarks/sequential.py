@@ -38,6 +38,7 @@ VARIANTS = {
     "memit": ("memit", {}),
     "alphaedit": ("alphaedit", {}),
     "alphaedit-tau-0.99": ("alphaedit", {"tau": 0.99}),  # README "Longer values on a consolidated branch"
+    "alphaedit-generic-3000": ("alphaedit", {"generic_weight": 3000}),  # README "Generic keys held softly"
 }
 
 

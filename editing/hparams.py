@@ -150,6 +150,11 @@ class EditHparams(BaseModel):
         1.0, ge=0.0, le=1e4, description="alphaedit: weight of the neighbour keys against the new facts' own "
         "(0: only C₀'s null space and the live facts' keys hold other inputs in place).",
     )
+    generic_weight: float = Field(
+        0.0, ge=0.0, le=1e7, description="alphaedit: also keep generic keys in place inside C₀'s null space, "
+        "softly: this many tokens' worth of C₀ added to the kept Gram (C₀'s null space holds still only the "
+        "directions generic text uses most; the rest of its energy is what this protects). 0 = off.",
+    )
     c0_source: str = Field(
         "builtin", max_length=1000, description="Text for C₀ = E[k kᵀ]: 'builtin' (ships with lmedit) or a path to a "
         "text file or folder of .txt files (e.g. WikiText-2); part of C₀'s cache key.",

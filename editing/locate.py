@@ -236,17 +236,22 @@ def _basis(c0: torch.Tensor, threshold: float) -> torch.Tensor:
 def kept_in_place(protected: ProtectedKeys | None, c0: dict[str, torch.Tensor], hp: EditHparams
                   ) -> dict[str, torch.Tensor]:
     """{module: (r, r) float64}, alphaedit's Gram of what each module's update must keep in place, in its
-    C₀'s null-space basis: the live facts' keys (K_p) and, weighted by `neighbour_weight`, the solved
-    facts' neighbour keys (read for every module in one pass)."""
-    if protected is None:
+    C₀'s null-space basis: the live facts' keys (K_p), the solved facts' neighbour keys (read for every
+    module in one pass) weighted by `neighbour_weight`, and `generic_weight` tokens' worth of C₀ itself."""
+    if protected is None and hp.generic_weight == 0:
         return {}
     bases = {n: _basis(c, hp.nullspace_threshold) for n, c in c0.items()}
-    near = protected.neighbour_grams(bases) if hp.neighbour_weight > 0 else {}
+    near = protected.neighbour_grams(bases) if protected is not None and hp.neighbour_weight > 0 else {}
     kept = {}
     for n, U in bases.items():
-        gram = protected.gram(n, U)
+        gram = protected.gram(n, U) if protected is not None else None
         if n in near:
             gram = hp.neighbour_weight * near[n] + (gram if gram is not None else 0)
+        if hp.generic_weight > 0:
+            # The null space drops only C₀'s large eigenvalues; the generic energy left in it (a fifth to a
+            # third at SmolLM2's blocks 4–8) is held here as if that many generic keys were kept. (r, r)
+            generic = hp.generic_weight * (U.T @ c0[n].to(U.dtype) @ U)
+            gram = generic + (gram if gram is not None else 0)
         if gram is not None:
             kept[n] = gram
     return kept

@@ -2,7 +2,7 @@
 
 import torch
 
-from benchmarks.locality_failures import by_confidence, classify
+from benchmarks.locality_failures import by_confidence, classify, shape
 from editing.facts import Fact
 from editing.tokens import encode_pair
 from tests.tiny import tiny_llama
@@ -40,6 +40,12 @@ def test_classify_sorts_each_changed_answer_and_counts_known_facts_kept():
     assert result["first_token_agreement"] == 1 / 5
     assert c["base_confident"] == 4 and c["base_confident_kept"] == 1 and result["confident_kept"] == 1 / 4
     assert result["kl_mean"] > 0
+    assert sum(c.get(f"{a}_to_{b}", 0) for a in ("name", "other") for b in ("name", "other")) == 4  # every change
+
+
+def test_shape_tells_a_name_from_a_phrase_start():
+    assert [shape(t) for t in (" Canada", "English", " the", " a", " ", ",", " New", " 1990")] == [
+        "name", "name", "other", "other", "other", "other", "name", "other"]
 
 
 def test_by_confidence_scores_locality_per_probe_and_splits_positions_by_base_confidence():

@@ -30,6 +30,28 @@ def test_closed_form_writes_each_key_to_its_value():
         assert torch.allclose(written, residuals, atol=1e-3), form
 
 
+def test_generic_weight_holds_the_generic_energy_left_in_the_null_space():
+    """C₀'s null space drops only its large eigenvalues; `generic_weight` keeps the small rest still too."""
+    from editing.locate import kept_in_place
+
+    torch.manual_seed(0)
+    u = torch.linalg.qr(torch.randn(64, 64)).Q
+    spectrum = torch.cat([torch.ones(16), torch.full((16,), 5e-3), torch.zeros(32)])  # large, small, unused
+    c0 = u @ torch.diag(spectrum) @ u.T  # (in, in)
+    key = torch.randn(1, 64)  # (F, in): a fact's key, partly in the directions generic text uses a little
+    residual = torch.randn(1, 32)  # (F, out)
+    moved, written = {}, {}
+    for weight in (0.0, 1e4):
+        hp = resolve_hparams("alphaedit", {"l2": 1e-3, "generic_weight": weight})
+        kept = kept_in_place(None, {"m": c0}, hp)
+        assert ("m" in kept) == (weight > 0)
+        delta = solve_update("alphaedit", key, residual, c0, hp, kept.get("m")).dense()  # (out, in)
+        moved[weight] = float(torch.trace(delta @ c0 @ delta.T))  # E‖ΔW k₀‖² over generic keys
+        written[weight] = float((key @ delta.T - residual).norm() / residual.norm())
+    assert moved[1e4] < 0.01 * moved[0.0], moved
+    assert written[1e4] < 0.05, written  # the unused directions still carry the fact
+
+
 def test_alphaedit_leaves_generic_keys_in_place(tmp_path, monkeypatch):
     monkeypatch.setenv("LMEDIT_CACHE_DIR", str(tmp_path))
     lm = tiny_llama(layers=4)
