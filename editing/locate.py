@@ -216,21 +216,31 @@ def read_keys_and_top(model: torch.nn.Module, module: torch.nn.Module, top: int,
     return KeyRead(keys / contexts, torch.cat(own), torch.cat(tops)[:n_facts], captured)
 
 
-def null_space_basis(c0: torch.Tensor, threshold: float) -> torch.Tensor:
-    """U (in, r), orthonormal, float64: C₀'s eigenvectors whose eigenvalue is below `threshold` · (largest
-    eigenvalue), the directions no generic key uses. AlphaEdit's projector is P = U Uᵀ."""
+class NullSpace(NamedTuple):
+    basis: torch.Tensor  # U (in, r), orthonormal, float64: AlphaEdit's projector is P = U Uᵀ
+    eigenvalues: torch.Tensor  # (r,) C₀'s eigenvalues along U's columns: UᵀC₀U = diag(eigenvalues)
+
+
+def null_space(c0: torch.Tensor, threshold: float) -> NullSpace:
+    """C₀'s eigenvectors whose eigenvalue is below `threshold` · (largest eigenvalue), the directions no
+    generic key uses much, with those eigenvalues."""
     eigenvalues, vectors = torch.linalg.eigh(c0.double())  # ascending
-    return vectors[:, eigenvalues < threshold * eigenvalues[-1]].contiguous()
+    below = eigenvalues < threshold * eigenvalues[-1]
+    return NullSpace(vectors[:, below].contiguous(), eigenvalues[below].clamp_min(0))
 
 
-_BASES: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}  # (id(C₀), threshold) -> (C₀, U)
+_SPACES: dict[tuple[int, float], tuple[torch.Tensor, NullSpace]] = {}  # (id(C₀), threshold) -> (C₀, its null space)
+
+
+def _null_space(c0: torch.Tensor, threshold: float) -> NullSpace:
+    key = (id(c0), threshold)
+    if key not in _SPACES or _SPACES[key][0] is not c0:  # one eigendecomposition per C₀ and threshold, not per edit
+        _SPACES[key] = (c0, null_space(c0, threshold))
+    return _SPACES[key][1]
 
 
 def _basis(c0: torch.Tensor, threshold: float) -> torch.Tensor:
-    key = (id(c0), threshold)
-    if key not in _BASES or _BASES[key][0] is not c0:  # one eigendecomposition per C₀ and threshold, not per edit
-        _BASES[key] = (c0, null_space_basis(c0, threshold))
-    return _BASES[key][1]
+    return _null_space(c0, threshold).basis
 
 
 def kept_in_place(protected: ProtectedKeys | None, c0: dict[str, torch.Tensor], hp: EditHparams
@@ -240,7 +250,8 @@ def kept_in_place(protected: ProtectedKeys | None, c0: dict[str, torch.Tensor], 
     module in one pass) weighted by `neighbour_weight`, and `generic_weight` tokens' worth of C₀ itself."""
     if protected is None and hp.generic_weight == 0:
         return {}
-    bases = {n: _basis(c, hp.nullspace_threshold) for n, c in c0.items()}
+    spaces = {n: _null_space(c, hp.nullspace_threshold) for n, c in c0.items()}
+    bases = {n: space.basis for n, space in spaces.items()}
     near = protected.neighbour_grams(bases) if protected is not None and hp.neighbour_weight > 0 else {}
     kept = {}
     for n, U in bases.items():
@@ -249,8 +260,9 @@ def kept_in_place(protected: ProtectedKeys | None, c0: dict[str, torch.Tensor], 
             gram = hp.neighbour_weight * near[n] + (gram if gram is not None else 0)
         if hp.generic_weight > 0:
             # The null space drops only C₀'s large eigenvalues; the generic energy left in it (a fifth to a
-            # third at SmolLM2's blocks 4–8) is held here as if that many generic keys were kept. (r, r)
-            generic = hp.generic_weight * (U.T @ c0[n].to(U.dtype) @ U)
+            # third at SmolLM2's blocks 4–8) is held here as if that many generic keys were kept:
+            # w · UᵀC₀U, which is diagonal in C₀'s own eigenvectors (no in×in product per edit). (r, r)
+            generic = torch.diag(hp.generic_weight * spaces[n].eigenvalues)
             gram = generic + (gram if gram is not None else 0)
         if gram is not None:
             kept[n] = gram
