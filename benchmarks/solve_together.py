@@ -10,6 +10,7 @@ and the prompt's last; the prompt's last and the answer's), which says where loc
     python benchmarks/solve_together.py values --n 1000      # z per record, 8 at a time (resumable)
     python benchmarks/solve_together.py solve --n 200 [--hparams '{"neighbour_weight": 0}']
     python benchmarks/solve_together.py positions --n 200 [--hparams ...]
+    python benchmarks/solve_together.py noise --n 200 [--scales 0.25,0.5,0.75,1]   # a random ΔW's locality
     python benchmarks/solve_together.py values --n 1000 --values '{"tau": 0.99}'   # a second set of values
     python benchmarks/solve_together.py solve --n 1000 --values '{"tau": 0.99}' [--hparams ...]
 
@@ -75,13 +76,12 @@ def values(n: int, objective: str, trained_with: dict, out: Path, threads: int) 
         print(f"values {rows[0]}–{rows[-1]}: {time.perf_counter() - t0:.0f} s, {result.steps} steps", flush=True)
 
 
-def solve(n: int, objective: str, trained_with: dict, method: str, overrides: dict, out: Path, threads: int,
-          regions: bool) -> dict:
+def _solved(n: int, objective: str, trained_with: dict, method: str, overrides: dict, out: Path, threads: int):
+    """counterfact-dev 0…n−1 solved together from their cached values: (lm, facts, hp, before, delta, seconds)."""
     import torch
 
     from editing import metrics
     from editing.consolidate import solve_together
-    from editing.delta import apply_delta, revert
     from editing.hparams import resolve_hparams
     from editing.locate import default_layers
 
@@ -96,18 +96,75 @@ def solve(n: int, objective: str, trained_with: dict, method: str, overrides: di
     before = metrics.snapshot(lm, facts)
     t0 = time.perf_counter()
     delta = solve_together(lm, facts, torch.stack([have[i] for i in range(n)]), method, hp)
-    seconds = time.perf_counter() - t0
-    originals = apply_delta(lm.model, delta)
-    measured = metrics.measure(lm, facts, before)
-    revert(lm.model, originals)
+    return lm, facts, hp, before, delta, time.perf_counter() - t0
+
+
+def _measured(lm, facts, before, changes: dict) -> dict:
+    """The metrics with `changes` ({parameter name: fp32 change}) added to the weights, then taken off (as
+    editing/delta.py `apply_delta` does: new tensors, so that nothing is written into a shared base)."""
+    from editing import metrics
+
+    params = dict(lm.model.named_parameters())
+    originals = {name: params[name].data for name in changes}
+    try:
+        for name, change in changes.items():
+            params[name].data = (originals[name].float() + change).to(originals[name].dtype)
+        return metrics.measure(lm, facts, before)
+    finally:
+        for name, weight in originals.items():
+            params[name].data = weight
+
+
+def solve(n: int, objective: str, trained_with: dict, method: str, overrides: dict, out: Path, threads: int,
+          regions: bool) -> dict:
+    lm, facts, hp, before, delta, seconds = _solved(n, objective, trained_with, method, overrides, out, threads)
+    measured = _measured(lm, facts, before, {name: delta.change(name) for name in delta.names()})
     row = {"n": n, "method": method, "objective": objective, "hparams": overrides,
            **({"values": trained_with} if trained_with else {}), "threads": threads,
+           # since this stop, facts of one template share their neighbour prompts (editing/neighbours.py);
+           # rows without the field read one set per fact
+           "neighbour_texts": "distinct",
            "seconds": round(seconds, 1), **{k: measured[k] for k in
                                             ("reliability", "generalization", "locality", "neighbour_flips")}}
     if regions:
         row["positions"] = {r: where(lm, facts, before, delta, r) for r in REGIONS}
     append_jsonl(out / "solve_together.jsonl", row)
     return row
+
+
+def noise(n: int, objective: str, trained_with: dict, method: str, overrides: dict, out: Path, threads: int,
+          scales: list[float]) -> list[dict]:
+    """How much of the lost locality the size of ΔW alone explains. Beside the solved ΔW, a random one that
+    teaches nothing: per edited module Gaussian rows inside C₀'s null space (what an alphaedit update may
+    use), scaled so that it moves generic keys as much as the solved one (the same tr(ΔW C₀ ΔWᵀ)), times
+    each of `scales`. Rows go to results/solve_together_noise.jsonl."""
+    import torch
+
+    from editing.keys import second_moment
+    from editing.locate import null_space
+
+    lm, facts, hp, before, delta, _ = _solved(n, objective, trained_with, method, overrides, out, threads)
+    named = dict(lm.model.named_modules())
+    c0 = second_moment(lm, {name.removesuffix(".weight"): named[name.removesuffix(".weight")]
+                            for name in delta.names()}, source=hp.c0_source, max_tokens=hp.c0_tokens)
+    generator = torch.Generator().manual_seed(0)
+    random = {}
+    for name in delta.names():
+        solved = delta.change(name).double()  # (out, in)
+        C = c0[name.removesuffix(".weight")].double()  # (in, in)
+        U = null_space(C, hp.nullspace_threshold).basis  # (in, r)
+        R = torch.randn(solved.shape[0], U.shape[1], generator=generator, dtype=torch.float64) @ U.T  # (out, in)
+        size = (torch.trace(solved @ C @ solved.T) / torch.trace(R @ C @ R.T)).sqrt()
+        random[name] = (size * R).float()
+    rows = []
+    for label, changes in [("solved", {name: delta.change(name) for name in delta.names()}),
+                           *((f"random x{k}", {name: k * r for name, r in random.items()}) for k in scales)]:
+        measured = _measured(lm, facts, before, changes)
+        rows.append({"n": n, "method": method, "hparams": overrides, "change": label,
+                     **{k: measured[k] for k in ("reliability", "generalization", "locality")}})
+        append_jsonl(out / "solve_together_noise.jsonl", rows[-1])
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def where(lm, facts, before, delta, region: str) -> dict:
@@ -158,7 +215,7 @@ def report(results: Path) -> str:
     from benchmarks.common import read_jsonl
 
     rows = {(r["n"], r["method"], r["objective"], json.dumps(r["hparams"], sort_keys=True),
-             json.dumps(r.get("values", {}), sort_keys=True)): r
+             json.dumps(r.get("values", {}), sort_keys=True), r.get("neighbour_texts", "per fact")): r
             for r in read_jsonl(results / "solve_together.jsonl")}
     if not rows:
         return ""
@@ -167,12 +224,15 @@ def report(results: Path) -> str:
              "(`benchmarks/solve_together.py`), from values optimised 8 records at a time and cached; one pass of the "
              "closed form unless the hparams name `passes` (a consolidate runs 2: `REBASE_DEFAULTS`). Positions: "
              "locality / retention with ΔW acting only at the probes' first token, between it and the prompt's "
-             "last, or at the prompt's last token and the answer's.", "",
+             "last, or at the prompt's last token and the answer's. \"per fact\": rows measured before facts of "
+             "one template shared their neighbour prompts (each fact's read, duplicates and all).", "",
              "| n | method | hparams | retention | generalization | locality | neighbour flips | s | positions: "
              "first / middle / last |", "|---|---|---|---|---|---|---|---|---|"]
-    for (n, method, _, hp, trained_with), r in sorted(rows.items()):
+    for (n, method, _, hp, trained_with, texts), r in sorted(rows.items()):
         if r.get("values"):
             hp = f"{hp}, values trained with {trained_with}"
+        if texts == "per fact":
+            hp = f"{hp}, per fact"
         where_ = r.get("positions")
         cell = " / ".join(f"{where_[k]['locality']:.3f}" for k in ("first", "middle", "last")) if where_ else "–"
         lines.append(f"| {n} | {method} | `{hp}` | {r['reliability']:.3f} | {r['generalization']:.3f} | "
@@ -181,6 +241,15 @@ def report(results: Path) -> str:
     _plot([r for (n, *_), r in sorted(rows.items()) if n == largest], results / "solve_together.png")
     lines += ["", f"![retention against locality of {largest:,} facts solved together, one point per setting]"
               "(solve_together.png)", ""]
+    noise = {(r["n"], json.dumps(r["hparams"], sort_keys=True), r["change"]): r
+             for r in read_jsonl(results / "solve_together_noise.jsonl")}
+    if noise:
+        lines += ["How much of the lost locality ΔW's size explains (`solve_together.py noise`): the solved ΔW beside "
+                  "a random one with rows in C₀'s null space that moves generic keys as much (x1), and smaller.", "",
+                  "| n | hparams | change | retention | generalization | locality |", "|---|---|---|---|---|---|"]
+        lines += [f"| {n} | `{hp}` | {change} | {r['reliability']:.3f} | {r['generalization']:.3f} | "
+                  f"{r['locality']:.3f} |" for (n, hp, change), r in sorted(noise.items())]
+        lines.append("")
     return "\n".join(lines + [""])
 
 
@@ -197,6 +266,8 @@ def _plot(rows: list[dict], path: Path) -> None:
         label = ", ".join(_short(k, v) for k, v in r["hparams"].items()) or "one pass, defaults"
         if r.get("values"):
             label += "; values " + ", ".join(_short(k, v) for k, v in r["values"].items())
+        if "neighbour_texts" not in r:
+            label += " (per fact)"
         ax.scatter(r["locality"], r["reliability"], s=22, label=f"{i}: {label}")
         ax.annotate(str(i), (r["locality"], r["reliability"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
     ax.set_xlabel("locality (against the base model)")
@@ -217,7 +288,7 @@ def _short(key: str, value) -> str:
 def main(argv: list[str] | None = None) -> None:
 
     parser = arguments(__doc__)
-    parser.add_argument("step", choices=["values", "solve", "positions"])
+    parser.add_argument("step", choices=["values", "solve", "positions", "noise"])
     parser.add_argument("--n", type=int, default=200, help="records 0…n−1 of counterfact-dev")
     parser.add_argument("--objective", default="overtone")
     parser.add_argument("--method", default="alphaedit", choices=["alphaedit", "memit"])
@@ -225,10 +296,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--values", type=json.loads, default={},
                         help="JSON hparams the values are trained with (their own file)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--scales", default="0.25,0.5,0.75,1", help="noise: sizes of the random ΔW")
     args = parser.parse_args(argv)
     n = 2 if args.smoke else args.n
     if args.step == "values":
         values(n, args.objective, args.values, args.out, args.threads)
+        return
+    if args.step == "noise":
+        noise(n, args.objective, args.values, args.method, args.hparams, args.out, args.threads,
+              [float(k) for k in args.scales.split(",")])
         return
     row = solve(n, args.objective, args.values, args.method, args.hparams, args.out, args.threads,
                 args.step == "positions")

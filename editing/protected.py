@@ -10,17 +10,17 @@ which bounds rounding drift (accumulated in float64).
 
 Alphaedit also keeps the *neighbour keys* of the facts it solves in place (editing/neighbours.py):
 about a hundred per fact, too many to hold per fact for a branch's thousand facts. They depend only
-on the fact's prompt and subject and the weights they are read on (base, in a consolidate), so
-their Gram is kept by prompt: a new prompt's keys are read and added, a prompt no longer solved
-(a revert) is read again and subtracted, and the next consolidate of the branch reads only what
-changed since the last one.
+on a few texts per fact (its prompt, and that prompt about other subjects, which facts of one template
+share) and the weights they are read on (base, in a consolidate), so their Gram is kept by text: a new
+text's keys are read and added, a text no fact solved needs any more (a revert) is read again and
+subtracted, and the next consolidate of the branch reads only what changed since the last one.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +32,7 @@ _MAX_ENTRIES = 16  # Grams kept (per store and module, or per store for all its 
 @dataclass
 class _Gram:
     bases: dict[str, torch.Tensor]  # module -> the U it was formed in (held, so that its id cannot be reused)
-    ids: set = field(default_factory=set)  # what `total` sums over: fact ids, or (prompt, subject) pairs
+    ids: set = field(default_factory=set)  # what `total` sums over: fact ids, or neighbour inputs
     total: dict[str, torch.Tensor] | None = None  # module -> (r, r) float64
     updates: int = 0
     keys: dict[str, torch.Tensor] = field(default_factory=dict)  # live facts' keys, to subtract when one goes
@@ -41,17 +41,17 @@ class _Gram:
 _GRAMS: OrderedDict[tuple, _Gram] = OrderedDict()
 _lock = threading.Lock()
 
-Prompt = tuple[str, str]  # (prompt, subject)
+Input = Hashable  # one neighbour input: a text and the position left out of it (editing/neighbours.py)
 
 
 @dataclass
 class Neighbours:
-    """The prompts whose neighbour keys an alphaedit edit keeps in place, and how to read those keys."""
+    """The inputs whose keys an alphaedit edit keeps in place beside the live facts', and how to read them."""
 
-    prompts: list[Prompt]  # the solved facts', each once
-    read: Callable[[list[str], list[Prompt]], dict[str, torch.Tensor]]  # (modules, prompts) -> {module: (K, in)}
-    tag: str  # what `read` depends on besides the prompts (e.g. the number of other subjects)
-    scope: str | None = None  # where a Gram of these prompts' keys is kept between solves (a store's url)
+    inputs: list[Input]  # the solved facts' neighbour inputs, each once
+    read: Callable[[list[str], list[Input]], dict[str, torch.Tensor]]  # (modules, inputs) -> {module: (K, in)}
+    tag: str  # what `read` depends on besides the inputs (e.g. the number of other subjects)
+    scope: str | None = None  # where a Gram of these inputs' keys is kept between solves (a store's url)
 
 
 @dataclass
@@ -79,28 +79,28 @@ class ProtectedKeys:
         return total[module]
 
     def neighbour_grams(self, bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """{module: (r, r) float64 Uᵀ K_n K_nᵀ U} over the neighbour keys of `neighbours.prompts`, for the
+        """{module: (r, r) float64 Uᵀ K_n K_nᵀ U} over the keys of `neighbours.inputs`, for the
         modules of `bases` (each its U), read in one pass for all; {} without any."""
         nb = self.neighbours
-        if nb is None or not nb.prompts:
+        if nb is None or not nb.inputs:
             return {}
         modules = sorted(bases)
 
-        def gram_of(entry: _Gram | None, prompts: list[Prompt], gone: bool = False, chunk: int = 64
+        def gram_of(entry: _Gram | None, inputs: list[Input], gone: bool = False, chunk: int = 512
                     ) -> dict[str, torch.Tensor]:
             total = {m: torch.zeros(bases[m].shape[1], bases[m].shape[1], dtype=torch.float64,
                                     device=bases[m].device) for m in modules}
-            for i in range(0, len(prompts), chunk):  # a branch's thousand prompts: ~90 keys each
-                keys = nb.read(modules, prompts[i:i + chunk])
+            for i in range(0, len(inputs), chunk):  # a branch's thousands of texts: ~10 keys each
+                keys = nb.read(modules, inputs[i:i + chunk])
                 for m in modules:
                     total[m] += _gram(bases[m], [keys[m]])
             return total
 
-        prompts = list(dict.fromkeys(nb.prompts))
+        inputs = list(dict.fromkeys(nb.inputs))
         if nb.scope is None:
-            return gram_of(None, prompts)
+            return gram_of(None, inputs)
         key = ("neighbours", nb.scope, nb.tag, tuple((m, id(bases[m])) for m in modules))
-        return _kept_up_to_date(key, bases, prompts, gram_of)[1]
+        return _kept_up_to_date(key, bases, inputs, gram_of)[1]
 
 
 def _kept_up_to_date(key: tuple, bases: dict[str, torch.Tensor], wanted: list, gram_of

@@ -62,6 +62,13 @@ def test_solve_together_measures_a_batch_and_where_its_locality_goes(tmp_path):
     assert row["n"] == 2 and 0 <= row["locality"] <= 1 and 0 <= row["reliability"] <= 1
     assert set(row["positions"]) == {"all", "first", "middle", "last"}
     assert row["positions"]["all"]["locality"] == pytest.approx(row["locality"])  # the hooks add ΔW exactly
+    # a random ΔW beside the solved one: x0 changes nothing, so it keeps every answer
+    run_script("solve_together", "noise", "--smoke", "--scales", "0,1", "--out", str(tmp_path))
+    lines = (tmp_path / "solve_together_noise.jsonl").read_text().splitlines()
+    noise = {r["change"]: r for r in map(json.loads, lines)}
+    assert set(noise) == {"solved", "random x0.0", "random x1.0"}
+    assert noise["solved"]["locality"] == pytest.approx(row["locality"])
+    assert noise["random x0.0"]["locality"] == 1.0 and 0 <= noise["random x1.0"]["locality"] <= 1
 
 
 @pytest.mark.timeout(900)

@@ -6,7 +6,7 @@ import torch
 
 from editing.facts import Fact
 from editing.methods import target_modules
-from editing.neighbours import neighbour_keys, neighbour_prompts
+from editing.neighbours import input_keys, neighbour_inputs, neighbour_keys, neighbour_prompts
 from editing.protected import Neighbours, ProtectedKeys
 from editing.train import edit
 from tests.tiny import tiny_llama
@@ -35,6 +35,22 @@ def test_neighbour_keys_skip_only_the_subjects_last_token():
     others = sum(len(lm.tokenizer(p).input_ids) for p in neighbour_prompts(*prompt, 2))
     assert own.shape[0] == tokens - 1 and with_two.shape[0] == tokens - 1 + others
     assert torch.allclose(with_two[: tokens - 1], own, atol=1e-5)  # the same keys, batched with others
+
+
+def test_facts_of_one_template_share_their_neighbour_prompts():
+    lm = tiny_llama(layers=4)
+    modules = target_modules(lm.model, _hp(lm))
+    name = next(iter(modules))
+    prompts = [("The capital of Japan is", "Japan"), ("The capital of Chile is", "Chile")]
+    inputs = neighbour_inputs(lm.tokenizer, prompts, 3)
+    # each fact's own prompt (less its subject's last token), then the three neighbour prompts once
+    assert [text for text, _ in inputs] == ["The capital of Japan is", "The capital of Barack Obama is",
+                                            "The capital of Paris is", "The capital of Toyota is",
+                                            "The capital of Chile is"]
+    assert [skip is None for _, skip in inputs] == [False, True, True, True, False]
+    keys = neighbour_keys(lm, {name: modules[name]}, prompts, 3)[name]
+    tokens = sum(len(lm.tokenizer(text).input_ids) - (skip is not None) for text, skip in inputs)
+    assert keys.shape[0] == tokens
 
 
 def _hp(lm, layers=None):
@@ -66,14 +82,18 @@ def test_the_neighbour_gram_kept_up_to_date_equals_one_formed_from_scratch():
     bases = {n: torch.linalg.qr(torch.randn(m.weight.shape[1], 20, dtype=torch.float64)).Q  # (in, r)
              for n, m in modules.items()}
 
-    def read(names, prompts):
-        return neighbour_keys(lm, {n: modules[n] for n in names}, prompts, 3)
+    def read(names, inputs):
+        return input_keys(lm, {n: modules[n] for n in names}, inputs)
 
+    # one template: the facts share their neighbour prompts, so a revert takes out only its own prompt
     prompts = [(f"The capital of {c} is", c) for c in ("Japan", "Chile", "Peru", "Mali", "Laos", "Togo")]
-    sets = [prompts[:3], prompts[:4], prompts[:5], [prompts[0], *prompts[2:5]], [prompts[0], *prompts[2:6]]]
-    for live in sets:  # adds one, adds one, takes one out (a revert), adds one
-        kept = ProtectedKeys({}, neighbours=Neighbours(live, read, tag="t", scope="store-a")).neighbour_grams(bases)
-        fresh = ProtectedKeys({}, neighbours=Neighbours(live, read, tag="t")).neighbour_grams(bases)
+    prompts.append(("Togo borders", "Togo"))  # and another template's neighbours, in and out
+    sets = [prompts[:3], prompts[:4], prompts[:5], [prompts[0], *prompts[2:5]], [prompts[0], *prompts[2:7]],
+            [prompts[0], *prompts[2:6]]]
+    for live in sets:  # adds one, adds one, takes one out (a revert), adds two, takes one out
+        inputs = neighbour_inputs(lm.tokenizer, live, 3)
+        kept = ProtectedKeys({}, neighbours=Neighbours(inputs, read, tag="t", scope="store-a")).neighbour_grams(bases)
+        fresh = ProtectedKeys({}, neighbours=Neighbours(inputs, read, tag="t")).neighbour_grams(bases)
         assert set(kept) == set(modules)
         for n in modules:  # keys read in other batches: rounding
             assert (kept[n] - fresh[n]).abs().max() <= 1e-5 * fresh[n].abs().max()
