@@ -108,7 +108,8 @@ def _measured(lm, facts, before, changes: dict) -> dict:
     originals = {name: params[name].data for name in changes}
     try:
         for name, change in changes.items():
-            params[name].data = (originals[name].float() + change).to(originals[name].dtype)
+            weight = originals[name]
+            params[name].data = (weight.float() + change.to(weight.device)).to(weight.dtype)
         return metrics.measure(lm, facts, before)
     finally:
         for name, weight in originals.items():
@@ -153,14 +154,15 @@ def noise(n: int, objective: str, trained_with: dict, method: str, overrides: di
         solved = delta.change(name).double()  # (out, in)
         C = c0[name.removesuffix(".weight")].double()  # (in, in)
         U = null_space(C, hp.nullspace_threshold).basis  # (in, r)
-        R = torch.randn(solved.shape[0], U.shape[1], generator=generator, dtype=torch.float64) @ U.T  # (out, in)
+        R = torch.randn(solved.shape[0], U.shape[1], generator=generator, dtype=torch.float64).to(U.device) @ U.T
         size = (torch.trace(solved @ C @ solved.T) / torch.trace(R @ C @ R.T)).sqrt()
         random[name] = (size * R).float()
     rows = []
     for label, changes in [("solved", {name: delta.change(name) for name in delta.names()}),
                            *((f"random x{k}", {name: k * r for name, r in random.items()}) for k in scales)]:
         measured = _measured(lm, facts, before, changes)
-        rows.append({"n": n, "method": method, "hparams": overrides, "change": label,
+        rows.append({"n": n, "method": method, "objective": objective, "hparams": overrides,
+                     **({"values": trained_with} if trained_with else {}), "change": label,
                      **{k: measured[k] for k in ("reliability", "generalization", "locality")}})
         append_jsonl(out / "solve_together_noise.jsonl", rows[-1])
         print(json.dumps(rows[-1]), flush=True)
@@ -241,14 +243,17 @@ def report(results: Path) -> str:
     _plot([r for (n, *_), r in sorted(rows.items()) if n == largest], results / "solve_together.png")
     lines += ["", f"![retention against locality of {largest:,} facts solved together, one point per setting]"
               "(solve_together.png)", ""]
-    noise = {(r["n"], json.dumps(r["hparams"], sort_keys=True), r["change"]): r
+    noise = {(r["n"], r["method"], r.get("objective", "overtone"), json.dumps(r["hparams"], sort_keys=True),
+              json.dumps(r.get("values", {}), sort_keys=True), r["change"]): r
              for r in read_jsonl(results / "solve_together_noise.jsonl")}
     if noise:
         lines += ["How much of the lost locality ΔW's size explains (`solve_together.py noise`): the solved ΔW beside "
                   "a random one with rows in C₀'s null space that moves generic keys as much (x1), and smaller.", "",
-                  "| n | hparams | change | retention | generalization | locality |", "|---|---|---|---|---|---|"]
-        lines += [f"| {n} | `{hp}` | {change} | {r['reliability']:.3f} | {r['generalization']:.3f} | "
-                  f"{r['locality']:.3f} |" for (n, hp, change), r in sorted(noise.items())]
+                  "| n | method | hparams | change | retention | generalization | locality |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {method} {objective} | `{hp}`{f', values trained with {vals}' if vals != '{}' else ''} | "
+                  f"{change} | {r['reliability']:.3f} | {r['generalization']:.3f} | {r['locality']:.3f} |"
+                  for (n, method, objective, hp, vals, change), r in sorted(noise.items())]
         lines.append("")
     return "\n".join(lines + [""])
 

@@ -13,12 +13,14 @@ weighted by `neighbour_weight`), for each fact it solves, the keys at
 - every position of the fact's own prompt except the subject's last token, and
 - every position of the same prompt with `neighbour_subjects` other subjects put in place of
   its own (a fixed list of well-known subjects below): the prompts a neighbour would be asked.
-Facts of one template share those prompts, and each is kept once: read once per fact, the
-templates with most facts weighed most (counterfact-dev 0–999: 8,000 neighbour prompts, 1,552
-distinct; solved together, kept once: retention 0.919 / generalization 0.240 / locality 0.674
-against 0.898 / 0.248 / 0.677 with the rebase defaults; at 200 facts the same within 0.007).
-Where many facts are solved together this matters most: a consolidate of 1,000 facts
-(counterfact-dev 0–999) kept 0.72 of them with locality 0.74, against 0.32 and 0.46 without.
+Where many facts are solved together, keeping neighbour keys matters most: a consolidate of
+1,000 facts (counterfact-dev 0–999) kept 0.72 of them with locality 0.74, against 0.32 and 0.46
+without (one pass, before the rebase defaults).
+Facts of one template share their neighbour prompts, and each text is kept once. (Read once per
+fact, as before, a template weighed as many times as it had facts: counterfact-dev 0–999 has 8,000
+neighbour prompts, 1,552 distinct. Solved together, kept once: retention 0.919 / generalization
+0.240 / locality 0.674 against 0.898 / 0.248 / 0.677 with the rebase defaults; at 200 facts the
+same within 0.007.)
 One edit on a branch keeps its own facts' neighbours only: keeping every live fact's as well
 cost a second per edit and did not raise locality after 200 sequential edits (0.745 vs 0.772).
 

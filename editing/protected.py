@@ -9,7 +9,8 @@ scratch when most of the live set changed (another branch) and every `_REBUILD_A
 which bounds rounding drift (accumulated in float64).
 
 Alphaedit also keeps the *neighbour keys* of the facts it solves in place (editing/neighbours.py):
-about a hundred per fact, too many to hold per fact for a branch's thousand facts. They depend only
+about a hundred per fact before facts of one template share them, too many to hold per fact for a
+branch's thousand facts. They depend only
 on a few texts per fact (its prompt, and that prompt about other subjects, which facts of one template
 share) and the weights they are read on (base, in a consolidate), so their Gram is kept by text: a new
 text's keys are read and added, a text no fact solved needs any more (a revert) is read again and
