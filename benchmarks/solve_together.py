@@ -99,27 +99,22 @@ def _solved(n: int, objective: str, trained_with: dict, method: str, overrides: 
     return lm, facts, hp, before, delta, time.perf_counter() - t0
 
 
-def _measured(lm, facts, before, changes: dict) -> dict:
-    """The metrics with `changes` ({parameter name: fp32 change}) added to the weights, then taken off (as
-    editing/delta.py `apply_delta` does: new tensors, so that nothing is written into a shared base)."""
+def _measured(lm, facts, before, delta) -> dict:
+    """The metrics with `delta` added to the weights, then taken off."""
     from editing import metrics
+    from editing.delta import apply_delta, revert
 
-    params = dict(lm.model.named_parameters())
-    originals = {name: params[name].data for name in changes}
+    originals = apply_delta(lm.model, delta)
     try:
-        for name, change in changes.items():
-            weight = originals[name]
-            params[name].data = (weight.float() + change.to(weight.device)).to(weight.dtype)
         return metrics.measure(lm, facts, before)
     finally:
-        for name, weight in originals.items():
-            params[name].data = weight
+        revert(lm.model, originals)
 
 
 def solve(n: int, objective: str, trained_with: dict, method: str, overrides: dict, out: Path, threads: int,
           regions: bool) -> dict:
     lm, facts, hp, before, delta, seconds = _solved(n, objective, trained_with, method, overrides, out, threads)
-    measured = _measured(lm, facts, before, {name: delta.change(name) for name in delta.names()})
+    measured = _measured(lm, facts, before, delta)
     row = {"n": n, "method": method, "objective": objective, "hparams": overrides,
            **({"values": trained_with} if trained_with else {}), "threads": threads,
            # since this stop, facts of one template share their neighbour prompts (editing/neighbours.py);
@@ -141,6 +136,7 @@ def noise(n: int, objective: str, trained_with: dict, method: str, overrides: di
     each of `scales`. Rows go to results/solve_together_noise.jsonl."""
     import torch
 
+    from editing.delta import Delta
     from editing.keys import second_moment
     from editing.locate import null_space
 
@@ -158,9 +154,10 @@ def noise(n: int, objective: str, trained_with: dict, method: str, overrides: di
         size = (torch.trace(solved @ C @ solved.T) / torch.trace(R @ C @ R.T)).sqrt()
         random[name] = (size * R).float()
     rows = []
-    for label, changes in [("solved", {name: delta.change(name) for name in delta.names()}),
-                           *((f"random x{k}", {name: k * r for name, r in random.items()}) for k in scales)]:
-        measured = _measured(lm, facts, before, changes)
+    changes = [("solved", delta)]
+    changes += [(f"random x{k}", Delta(dense={name: k * r for name, r in random.items()})) for k in scales]
+    for label, change in changes:
+        measured = _measured(lm, facts, before, change)
         rows.append({"n": n, "method": method, "objective": objective, "hparams": overrides,
                      **({"values": trained_with} if trained_with else {}), "change": label,
                      **{k: measured[k] for k in ("reliability", "generalization", "locality")}})

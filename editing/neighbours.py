@@ -115,8 +115,7 @@ def neighbours_of(lm, n: int, prompts: list[Prompt], scope: str | None = None) -
     def read(modules: list[str], some: list[Input]) -> dict[str, torch.Tensor]:
         return input_keys(lm, {m: named[m] for m in modules}, some)
 
-    return Neighbours(neighbour_inputs(lm.tokenizer, list(dict.fromkeys(prompts)), n), read,
-                      tag=f"subjects={n}", scope=scope)
+    return Neighbours(neighbour_inputs(lm.tokenizer, prompts, n), read, tag=f"subjects={n}", scope=scope)
 
 
 def prompt_of(fact) -> Prompt | None:

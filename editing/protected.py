@@ -10,11 +10,11 @@ which bounds rounding drift (accumulated in float64).
 
 Alphaedit also keeps the *neighbour keys* of the facts it solves in place (editing/neighbours.py):
 about a hundred per fact before facts of one template share them, too many to hold per fact for a
-branch's thousand facts. They depend only
-on a few texts per fact (its prompt, and that prompt about other subjects, which facts of one template
-share) and the weights they are read on (base, in a consolidate), so their Gram is kept by text: a new
-text's keys are read and added, a text no fact solved needs any more (a revert) is read again and
-subtracted, and the next consolidate of the branch reads only what changed since the last one.
+branch's thousand facts. They depend only on a few texts per fact (its prompt, and that prompt about
+other subjects, which facts of one template share) and the weights they are read on (base, in a
+consolidate), so their Gram is kept by text: a new text's keys are read and added, a text no fact
+solved needs any more (a revert) is read again and subtracted, and the next consolidate of the
+branch reads only what changed since the last one.
 """
 
 from __future__ import annotations
