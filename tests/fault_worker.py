@@ -12,7 +12,10 @@ normal CLI runs:
 - FAULT_KILL_IN_BATCH=1: the worker SIGKILLs itself in its first generation batch of more than one request,
   after the batch is claimed and its first tokens are decoded (workers.generate_jobs.decode is wrapped);
 - FAULT_SLOW_STEP_S=<seconds>: every decoding step of a generation takes that much longer, as on a slow
-  machine, so that requests arrive while a batch decodes (editing.generate._Batch._choose is wrapped).
+  machine, so that requests arrive while a batch decodes (editing.generate._Batch._choose is wrapped);
+- FAULT_KILL_REDIS_AFTER_JOB=<pid>: right after its first job ends, the worker SIGKILLs that process (the
+  test's valkey-server), so that Redis is lost between jobs, outside RQ's dequeue
+  (workers.worker.ResidentWorker.execute_job is wrapped).
 """
 
 from __future__ import annotations
@@ -104,9 +107,29 @@ def slow_steps(seconds: float) -> None:
     log.warning("FAULT HOOK: every decoding step takes %.3f s longer", seconds)
 
 
+def kill_redis_after_job(pid: int) -> None:
+    from workers.worker import ResidentWorker
+
+    real_execute = ResidentWorker.execute_job
+    fired = [False]
+
+    def execute_job(worker, job, queue):
+        real_execute(worker, job, queue)
+        if not fired[0]:
+            fired[0] = True
+            os.kill(pid, signal.SIGKILL)
+            log.warning("FAULT HOOK: valkey-server (pid %d) killed after job %s", pid, job.id)
+
+    ResidentWorker.execute_job = execute_job
+    log.warning("FAULT HOOK: this worker kills valkey-server after its first job")
+
+
 def install(env: dict[str, str]) -> None:
     """Wrap Engine.__init__ so that every engine this process builds gets the hooks `env` asks for."""
     from workers.engine import Engine
+
+    if env.get("FAULT_KILL_REDIS_AFTER_JOB"):
+        kill_redis_after_job(int(env["FAULT_KILL_REDIS_AFTER_JOB"]))
 
     real_init = Engine.__init__
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import httpx
 import pytest
@@ -54,6 +55,34 @@ def test_a_dead_workers_edit_is_retried_by_another_and_commits_once(stack):
         assert int(job.worker_name.rsplit(".", 1)[1]) != pid
         made = [m for m in client.get("/versions").json() if m["job_id"] == accepted["job_id"]]
         assert len(made) == 1 and made[0]["id"] == state["version"]
+
+
+def test_redis_lost_between_jobs_does_not_stop_a_worker(tmp_path):
+    """valkey SIGKILLed right after a job ends, where RQ's own loop (outside its dequeue) quits on a Redis
+    error: the worker waits for Redis, keeps its resident model and runs the next edit on top of the first."""
+    s = Stack(tmp_path, str(save_tiny(tiny_llama(), tmp_path / "tiny-llama")), worker_module="tests.fault_worker")
+    try:
+        worker = s.start_worker(env={"FAULT_KILL_REDIS_AFTER_JOB": str(s.valkey.pid)})
+        s.start_api()
+        s.wait_ready(workers=1)
+        with httpx.Client(base_url=s.url, timeout=60) as client:
+            first = client.post("/edits", json={"hparams": TINY_HPARAMS, "facts": [
+                {"prompt": "The Eiffel Tower is in", "target_new": "Rome"}]}).json()
+            s.valkey.wait(timeout=90)  # killed by the worker once the edit's outcome is recorded
+            time.sleep(2)  # the worker's loop meets the lost Redis
+            assert worker.poll() is None, s.logs()
+            s.start_redis()
+            s.wait_ready(workers=1, timeout=60)
+            assert worker.poll() is None, s.logs()
+            second = client.post("/edits", json={"hparams": TINY_HPARAMS, "facts": [
+                {"prompt": "The Colosseum is in", "target_new": "Paris"}]}).json()
+            states = [poll_edit(client, a["job_id"], timeout=60, stack=s) for a in (first, second)]
+            assert [st["status"] for st in states] == ["succeeded", "succeeded"], states
+            history = client.get("/versions", params={"branch": "main"}).json()
+        assert [j for m in history for j in job_ids(m)] == [second["job_id"], first["job_id"]]
+        assert "lost Redis in" in (s.root / "worker-0.log").read_text()
+    finally:
+        s.close()
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import threading
 import time
 
 import redis
+from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
@@ -30,6 +31,7 @@ from workers.settings import WorkerSettings
 log = logging.getLogger("lmedit.worker")
 
 COMMAND_POLL_S = 1.0  # how often the command-channel thread wakes: the longest a shutdown waits for it
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
 class ResidentWorker(SimpleWorker):
@@ -52,11 +54,11 @@ class ResidentWorker(SimpleWorker):
         return max(5, int(self.settings.worker_ttl_s))
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        execution = self.prepare_execution(job)
-        self._running = (job, execution)
         try:
+            execution = self.prepare_execution(job)  # lost Redis here: retried from the intermediate queue
+            self._running = (job, execution)
             self.perform_job(job, queue, execution)
-        except (redis.ConnectionError, redis.TimeoutError):
+        except REDIS_DOWN:
             # Redis went away during the job or while RQ recorded its outcome: keep this process (and its
             # resident model) alive instead of exiting. The job stays in the started registry; without beats
             # its execution expires and it is retried (an edit already committed makes nothing new).
@@ -73,9 +75,38 @@ class ResidentWorker(SimpleWorker):
                 self.connection.ping()
                 log.info("Redis is back")
                 return
-            except (redis.ConnectionError, redis.TimeoutError):
+            except REDIS_DOWN:
                 time.sleep(delay)
                 delay = min(5.0, delay * 2)
+
+    # RQ's loop retries a lost Redis only inside its blocking dequeue: a Redis error in any other step between
+    # jobs (the suspension check, maintenance, the worker's own heartbeat and state) makes it quit, and the
+    # resident model with it. These steps wait for Redis instead; a stop request while waiting stops the loop.
+    def _through_outage(self, step, *args):
+        while True:
+            try:
+                return step(*args)
+            except REDIS_DOWN:
+                log.warning("lost Redis in %s: waiting for it", step.__name__)
+                self._wait_for_redis()
+                if self._stop_requested:
+                    raise StopRequested() from None
+
+    def check_for_suspension(self, burst: bool) -> None:
+        self._through_outage(super().check_for_suspension, burst)
+
+    def run_maintenance_tasks(self) -> None:
+        self._through_outage(super().run_maintenance_tasks)
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
+        if pipeline is not None:  # part of a transaction its caller executes
+            return super().heartbeat(timeout, pipeline)
+        self._through_outage(super().heartbeat, timeout)
+
+    def set_state(self, state: str, pipeline=None) -> None:
+        if pipeline is not None:
+            return super().set_state(state, pipeline)
+        self._through_outage(super().set_state, state)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         # Before RQ removes the execution: a late beat would re-register it as started, and a
