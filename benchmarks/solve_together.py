@@ -225,8 +225,8 @@ def report(results: Path) -> str:
              "locality / retention with ΔW acting only at the probes' first token, between it and the prompt's "
              "last, or at the prompt's last token and the answer's. \"per fact\": rows measured before facts of "
              "one template shared their neighbour prompts (each fact's read, duplicates and all).", "",
-             "| n | method | hparams | retention | generalization | locality | neighbour flips | s | positions: "
-             "first / middle / last |", "|---|---|---|---|---|---|---|---|---|"]
+             "| n | method | hparams | retention | generalization | locality | neighbour flips | s (threads) | "
+             "positions: first / middle / last |", "|---|---|---|---|---|---|---|---|---|"]
     for (n, method, _, hp, trained_with, texts), r in sorted(rows.items()):
         if r.get("values"):
             hp = f"{hp}, values trained with {trained_with}"
@@ -235,7 +235,8 @@ def report(results: Path) -> str:
         where_ = r.get("positions")
         cell = " / ".join(f"{where_[k]['locality']:.3f}" for k in ("first", "middle", "last")) if where_ else "–"
         lines.append(f"| {n} | {method} | `{hp}` | {r['reliability']:.3f} | {r['generalization']:.3f} | "
-                     f"{r['locality']:.3f} | {r['neighbour_flips']:.3f} | {r['seconds']:.0f} | {cell} |")
+                     f"{r['locality']:.3f} | {r['neighbour_flips']:.3f} | {r['seconds']:.0f} ({r['threads']}) | "
+                     f"{cell} |")
     largest = max(n for n, *_ in rows)
     _plot([r for (n, *_), r in sorted(rows.items()) if n == largest], results / "solve_together.png")
     lines += ["", f"![retention against locality of {largest:,} facts solved together, one point per setting]"
