@@ -117,7 +117,7 @@ def solve(n: int, objective: str, trained_with: dict, method: str, overrides: di
     measured = _measured(lm, facts, before, delta)
     row = {"n": n, "method": method, "objective": objective, "hparams": overrides,
            **({"values": trained_with} if trained_with else {}), "threads": threads,
-           # since this stop, facts of one template share their neighbour prompts (editing/neighbours.py);
+           # since stop 31, facts of one template share their neighbour prompts (editing/neighbours.py);
            # rows without the field read one set per fact
            "neighbour_texts": "distinct",
            "seconds": round(seconds, 1), **{k: measured[k] for k in
