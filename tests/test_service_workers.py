@@ -85,6 +85,26 @@ def test_redis_lost_between_jobs_does_not_stop_a_worker(tmp_path):
         s.close()
 
 
+def test_a_worker_stopped_while_redis_is_down_exits_cleanly(tmp_path):
+    """SIGTERM (docker stop) while Redis is away: the worker cannot register its death, and still exits 0
+    without a traceback; its entry expires by itself."""
+    s = Stack(tmp_path, str(save_tiny(tiny_llama(), tmp_path / "tiny-llama")))
+    try:
+        worker = s.start_worker()
+        s.start_api()
+        s.wait_ready(workers=1)
+        s.valkey.kill()
+        s.valkey.wait(timeout=10)
+        time.sleep(1)  # the worker's dequeue meets the lost Redis
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0, s.logs()
+        log = (s.root / "worker-0.log").read_text()
+        assert "Traceback" not in log, log
+        assert "stopped without Redis" in log, log
+    finally:
+        s.close()
+
+
 @pytest.mark.slow
 def test_a_worker_killed_during_the_store_commit_leaves_one_version_and_no_orphan_ref(tmp_path):
     """The worker dies after writing the blob and manifest, before the branch moves; a healthy worker

@@ -108,6 +108,22 @@ class ResidentWorker(SimpleWorker):
             return super().set_state(state, pipeline)
         self._through_outage(super().set_state, state)
 
+    # Stopping (docker stop) while Redis is away: RQ's teardown cannot record the death, and would end the process
+    # with a traceback and exit status 1. The worker's key expires by itself (worker_ttl) and /ready counts only
+    # workers that beat, so there is nothing to clean up that needs Redis.
+    def register_death(self) -> None:
+        try:
+            super().register_death()
+        except REDIS_DOWN:
+            log.warning("stopped without Redis: this worker's entry expires by itself within %d s", self.worker_ttl)
+
+    def unsubscribe(self) -> None:
+        try:
+            super().unsubscribe()
+        except REDIS_DOWN:
+            if self.pubsub_thread:
+                self.pubsub_thread.stop()
+
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         # Before RQ removes the execution: a late beat would re-register it as started, and a
         # stale started entry of a job that another worker runs later would look abandoned.
@@ -148,6 +164,7 @@ class ResidentWorker(SimpleWorker):
 
     def _beat_loop(self) -> None:
         last_cleanup = time.monotonic()
+        redis_lost = False
         while not self._stop_beating.wait(self.settings.worker_heartbeat_s):
             try:
                 self._announce()
@@ -158,7 +175,14 @@ class ResidentWorker(SimpleWorker):
                     for q in self.queues:  # abandoned jobs of dead workers: retried (or failed)
                         StartedJobRegistry(q.name, connection=self.connection, serializer=JSONSerializer).cleanup()
                     last_cleanup = time.monotonic()
-            except Exception:  # noqa: BLE001 - a Redis blip must not kill the heartbeat
+                if redis_lost:
+                    log.info("heartbeat: Redis is back")
+                redis_lost = False
+            except REDIS_DOWN as e:  # one line per outage, not a traceback per beat
+                if not redis_lost:
+                    log.warning("heartbeat: Redis unreachable (%s); beating again once it is back", e)
+                redis_lost = True
+            except Exception:  # noqa: BLE001 - nothing may kill the heartbeat
                 log.exception("heartbeat failed")
 
     def work(self, *args, **kwargs) -> bool:
