@@ -265,10 +265,12 @@ def evaluate_cmd(
 ) -> None:
     """Single-edit protocol: edit each record on the unedited weights, measure, average.
 
-    The summary has each metric's mean and 95% bootstrap interval (`<metric>_ci`).
+    The summary has each metric's mean and 95% bootstrap interval (`<metric>_ci`); for records
+    that name their true answer, also the field's CounterFact scores (efficacy, paraphrase and
+    neighbourhood score, as ROME, MEMIT and AlphaEdit report them).
     With --sequential: edit them in order on one branch; every --every edits print retention,
     generalization, locality (against the base model) and fluency over all facts so far
-    (--json: one object per checkpoint)."""
+    (--json: one object per checkpoint, with the field's scores)."""
     from dataclasses import asdict
 
     from rich.progress import Progress
@@ -323,6 +325,11 @@ def evaluate_cmd(
             "seconds_per_edit"]
     console.print(_metrics_table(f"{data.name} [{offset}:{offset + len(cases)}] {method} + {objective}",
                                  summary, keys))
+    from editing.metrics import COUNTERFACT_SCORES
+
+    if any(summary.get(k) is not None for k in COUNTERFACT_SCORES):
+        console.print(_metrics_table("the field's CounterFact scores (one answer likelier than the other)",
+                                     summary, COUNTERFACT_SCORES))
 
 
 def _sequential(cases, method: str | None, objective: str, hparams: dict, every: int, store: str | None, branch: str,

@@ -13,6 +13,9 @@ and the prompt's last; the prompt's last and the answer's), which says where loc
     python benchmarks/solve_together.py noise --n 200 [--scales 0.25,0.5,0.75,1]   # a random ΔW's locality
     python benchmarks/solve_together.py values --n 1000 --values '{"tau": 0.99}'   # a second set of values
     python benchmarks/solve_together.py solve --n 1000 --values '{"tau": 0.99}' [--hparams ...]
+    python benchmarks/solve_together.py values --n 500 --offset 1000   # records no tuning saw (1000 and up);
+    python benchmarks/solve_together.py values --n 500 --offset 1500   # two ranges may run at once
+    python benchmarks/solve_together.py solve --n 1000 --offset 1000
 
 Values are trained 8 records at a time until all 8 fit (at most the method's `steps`), so they
 are somewhat stronger than a single edit's; compare rows made from the same values. `--values`
@@ -42,10 +45,10 @@ def load(threads: int):
     return load_model("smollm2", device="cpu", threads=threads)
 
 
-def read_facts(n: int):
+def read_facts(n: int, offset: int = 0):
     from editing.facts import read_cases
 
-    return [c.facts[0] for c in read_cases(DATA / "counterfact-dev.json", offset=0, n=n)]
+    return [c.facts[0] for c in read_cases(DATA / "counterfact-dev.json", offset=offset, n=n)]
 
 
 def values_path(out: Path, objective: str, trained_with: dict) -> Path:
@@ -53,31 +56,39 @@ def values_path(out: Path, objective: str, trained_with: dict) -> Path:
     return out / "cache" / "solve_together" / f"values-{objective}{label}.pt"
 
 
-def values(n: int, objective: str, trained_with: dict, out: Path, threads: int) -> None:
+def values(n: int, objective: str, trained_with: dict, out: Path, threads: int, offset: int = 0) -> None:
+    """Values of records offset…offset+n−1, kept by record number. Runs over other ranges may share the
+    file at the same time (each save merges under a lock)."""
+    import fcntl
+
     import torch
 
     from editing.train import edit
 
     path = values_path(out, objective, trained_with)
     have = torch.load(path) if path.exists() else {}
-    lm, facts = load(threads), read_facts(n)
-    for start in range(0, n, CHUNK):
-        rows = list(range(start, min(n, start + CHUNK)))
+    lm, facts = load(threads), read_facts(n, offset)
+    for start in range(offset, offset + n, CHUNK):
+        rows = list(range(start, min(offset + n, start + CHUNK)))
         if all(i in have for i in rows):
             continue
         t0 = time.perf_counter()
-        result = edit(lm, facts[rows[0]: rows[-1] + 1], method="alphaedit", objective=objective,
+        result = edit(lm, facts[rows[0] - offset: rows[-1] - offset + 1], method="alphaedit", objective=objective,
                       hparams=trained_with)
-        for j, i in enumerate(rows):
-            have[i] = result.delta.memory["values"][j].clone()
+        new = {i: result.delta.memory["values"][j].clone() for j, i in enumerate(rows)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(have, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            have = {**(torch.load(path) if path.exists() else {}), **new}
+            torch.save(have, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
         print(f"values {rows[0]}–{rows[-1]}: {time.perf_counter() - t0:.0f} s, {result.steps} steps", flush=True)
 
 
-def _solved(n: int, objective: str, trained_with: dict, method: str, overrides: dict, out: Path, threads: int):
-    """counterfact-dev 0…n−1 solved together from their cached values: (lm, facts, hp, before, delta, seconds)."""
+def _solved(n: int, objective: str, trained_with: dict, method: str, overrides: dict, out: Path, threads: int,
+            offset: int = 0):
+    """counterfact-dev offset…offset+n−1 solved together from their cached values:
+    (lm, facts, hp, before, delta, seconds)."""
     import torch
 
     from editing import metrics
@@ -87,15 +98,16 @@ def _solved(n: int, objective: str, trained_with: dict, method: str, overrides: 
 
     path = values_path(out, objective, trained_with)
     have = torch.load(path) if path.exists() else {}
-    missing = [i for i in range(n) if i not in have]
+    missing = [i for i in range(offset, offset + n) if i not in have]
     if missing:
-        raise SystemExit(f"no values for records {missing[:5]}…: run `values --n {n}` (with the same --values) first")
-    lm, facts = load(threads), read_facts(n)
+        raise SystemExit(f"no values for records {missing[:5]}…: run `values --n {n} --offset {offset}` (with the "
+                         "same --values) first")
+    lm, facts = load(threads), read_facts(n, offset)
     hp = resolve_hparams(method, overrides)
     hp = hp.model_copy(update={"layers": hp.layers if hp.layers is not None else default_layers(lm.model)})
     before = metrics.snapshot(lm, facts)
     t0 = time.perf_counter()
-    delta = solve_together(lm, facts, torch.stack([have[i] for i in range(n)]), method, hp)
+    delta = solve_together(lm, facts, torch.stack([have[i] for i in range(offset, offset + n)]), method, hp)
     return lm, facts, hp, before, delta, time.perf_counter() - t0
 
 
@@ -112,16 +124,24 @@ def _measured(lm, facts, before, delta) -> dict:
 
 
 def solve(n: int, objective: str, trained_with: dict, method: str, overrides: dict, out: Path, threads: int,
-          regions: bool) -> dict:
-    lm, facts, hp, before, delta, seconds = _solved(n, objective, trained_with, method, overrides, out, threads)
+          regions: bool, offset: int = 0) -> dict:
+    from editing import metrics
+
+    lm, facts, hp, before, delta, seconds = _solved(n, objective, trained_with, method, overrides, out, threads,
+                                                    offset)
     measured = _measured(lm, facts, before, delta)
-    row = {"n": n, "method": method, "objective": objective, "hparams": overrides,
+    row = {"n": n, **({"offset": offset} if offset else {}), "method": method, "objective": objective,
+           "hparams": overrides,
            **({"values": trained_with} if trained_with else {}), "threads": threads,
            # since stop 31, facts of one template share their neighbour prompts (editing/neighbours.py);
            # rows without the field read one set per fact
            "neighbour_texts": "distinct",
            "seconds": round(seconds, 1), **{k: measured[k] for k in
-                                            ("reliability", "generalization", "locality", "neighbour_flips")}}
+                                            ("reliability", "generalization", "locality", "neighbour_flips")},
+           # ROME / MEMIT / AlphaEdit's efficacy, generalization and specificity (two answers' likelihoods
+           # compared), after the solve and on the base model: the scale of the field's reference points
+           "counterfact_scores": {k: measured[k] for k in metrics.COUNTERFACT_SCORES},
+           "base_counterfact_scores": metrics.counterfact_scores(lm, facts)}
     if regions:
         row["positions"] = {r: where(lm, facts, before, delta, r) for r in REGIONS}
     append_jsonl(out / "solve_together.jsonl", row)
@@ -213,32 +233,47 @@ def report(results: Path) -> str:
     """Section 8 (empty without rows): every solve, latest row per configuration."""
     from benchmarks.common import read_jsonl
 
-    rows = {(r["n"], r["method"], r["objective"], json.dumps(r["hparams"], sort_keys=True),
+    rows = {(r["n"], r.get("offset", 0), r["method"], r["objective"], json.dumps(r["hparams"], sort_keys=True),
              json.dumps(r.get("values", {}), sort_keys=True), r.get("neighbour_texts", "per fact")): r
             for r in read_jsonl(results / "solve_together.jsonl")}
     if not rows:
         return ""
     lines = ["## 8. Many facts solved together", "",
-             "counterfact-dev 0…n−1 (the tuning range) solved in one closed form, as a consolidate does "
+             "counterfact-dev 0…n−1 (the tuning range; records no tuning saw where the n column names them) "
+             "solved in one closed form, as a consolidate does "
              "(`benchmarks/solve_together.py`), from values optimised 8 records at a time and cached; one pass of the "
              "closed form unless the hparams name `passes` (a consolidate runs 2: `REBASE_DEFAULTS`). Positions: "
              "locality / retention with ΔW acting only at the probes' first token, between it and the prompt's "
              "last, or at the prompt's last token and the answer's. \"per fact\": rows measured before facts of "
              "one template shared their neighbour prompts (each fact's read, duplicates and all).", "",
-             "| n | method | hparams | retention | generalization | locality | neighbour flips | s (threads) | "
-             "positions: first / middle / last |", "|---|---|---|---|---|---|---|---|---|"]
-    for (n, method, _, hp, trained_with, texts), r in sorted(rows.items()):
+             "| n (records) | method | hparams | retention | generalization | locality | neighbour flips | "
+             "s (threads) | positions: first / middle / last |", "|---|---|---|---|---|---|---|---|---|"]
+    for (n, offset, method, _, hp, trained_with, texts), r in sorted(rows.items()):
         if r.get("values"):
             hp = f"{hp}, values trained with {trained_with}"
         if texts == "per fact":
             hp = f"{hp}, per fact"
         where_ = r.get("positions")
         cell = " / ".join(f"{where_[k]['locality']:.3f}" for k in ("first", "middle", "last")) if where_ else "–"
-        lines.append(f"| {n} | {method} | `{hp}` | {r['reliability']:.3f} | {r['generalization']:.3f} | "
-                     f"{r['locality']:.3f} | {r['neighbour_flips']:.3f} | {r['seconds']:.0f} ({r['threads']}) | "
-                     f"{cell} |")
-    largest = max(n for n, *_ in rows)
-    _plot([r for (n, *_), r in sorted(rows.items()) if n == largest], results / "solve_together.png")
+        lines.append(f"| {_records(n, offset)} | {method} | `{hp}` | {r['reliability']:.3f} | "
+                     f"{r['generalization']:.3f} | {r['locality']:.3f} | {r['neighbour_flips']:.3f} | "
+                     f"{r['seconds']:.0f} ({r['threads']}) | {cell} |")
+    scored = [(key, r) for key, r in sorted(rows.items()) if r.get("counterfact_scores")]
+    if scored:
+        lines += ["", "The same solves on the scale of the field's reference points (the scores ROME, MEMIT and "
+                  "AlphaEdit report on CounterFact as efficacy, generalization and specificity: one answer likelier "
+                  "than the other, `editing/metrics.py` `counterfact_scores_per_fact`), the base model's in brackets:",
+                  "", "| n (records) | method | hparams | efficacy | paraphrase | neighbourhood |",
+                  "|---|---|---|---|---|---|"]
+        for (n, offset, method, _, hp, trained_with, _texts), r in scored:
+            cf, base = r["counterfact_scores"], r["base_counterfact_scores"]
+            trained = f", values trained with {trained_with}" if r.get("values") else ""
+            cells = " | ".join(f"{cf[k]:.3f} ({base[k]:.3f})" for k in
+                               ("efficacy_score", "paraphrase_score", "neighbourhood_score"))
+            lines.append(f"| {_records(n, offset)} | {method} | `{hp}`{trained} | {cells} |")
+    largest = max(n for n, offset, *_ in rows if not offset)
+    _plot([r for (n, offset, *_), r in sorted(rows.items()) if n == largest and not offset],
+          results / "solve_together.png")
     lines += ["", f"![retention against locality of {largest:,} facts solved together, one point per setting]"
               "(solve_together.png)", ""]
     noise = {(r["n"], r["method"], r.get("objective", "overtone"), json.dumps(r["hparams"], sort_keys=True),
@@ -280,6 +315,11 @@ def _plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def _records(n: int, offset: int) -> str:
+    """The table's n: records 0…n−1 as before; a range no tuning saw spelled out."""
+    return f"{n} ({offset}–{offset + n - 1})" if offset else str(n)
+
+
 def _short(key: str, value) -> str:
     if key == "layers":
         return f"blocks {value[0]}–{value[-1]}"
@@ -292,7 +332,9 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = arguments(__doc__)
     parser.add_argument("step", choices=["values", "solve", "positions", "noise"])
-    parser.add_argument("--n", type=int, default=200, help="records 0…n−1 of counterfact-dev")
+    parser.add_argument("--n", type=int, default=200, help="records offset…offset+n−1 of counterfact-dev")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="first record (0: the tuning range; 1000 and up: records no tuning saw)")
     parser.add_argument("--objective", default="overtone")
     parser.add_argument("--method", default="alphaedit", choices=["alphaedit", "memit"])
     parser.add_argument("--hparams", type=json.loads, default={}, help="JSON hparams on top of the method's")
@@ -303,14 +345,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     n = 2 if args.smoke else args.n
     if args.step == "values":
-        values(n, args.objective, args.values, args.out, args.threads)
+        values(n, args.objective, args.values, args.out, args.threads, args.offset)
         return
     if args.step == "noise":
+        if args.offset:
+            raise SystemExit("noise runs on records 0…n−1")
         noise(n, args.objective, args.values, args.method, args.hparams, args.out, args.threads,
               [float(k) for k in args.scales.split(",")])
         return
     row = solve(n, args.objective, args.values, args.method, args.hparams, args.out, args.threads,
-                args.step == "positions")
+                args.step == "positions", args.offset)
     print(json.dumps(row))
 
 

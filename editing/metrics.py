@@ -11,6 +11,9 @@
   the edit dragged along ("The capital of New Zealand is" → Melbourne); lower is better
 - portability: teacher-forced accuracy of the portability (reasoning) answers
 - fluency: weighted 2/3-gram entropy of a free generation from each prompt
+- efficacy_score, paraphrase_score, neighbourhood_score: the scores ROME, MEMIT and AlphaEdit report on
+  CounterFact (one answer likelier than the other), for facts that name target_true: see
+  `counterfact_scores_per_fact`
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from editing.generate import generate
 from editing.model import LoadedModel
 from editing.tokens import encode_pair, pair_batch
 
-METRICS = ("reliability", "generalization", "locality", "neighbour_flips", "portability", "fluency")
+METRICS = ("reliability", "generalization", "locality", "neighbour_flips", "portability", "fluency",
+           "efficacy_score", "paraphrase_score", "neighbourhood_score")
 
 
 @torch.no_grad()
@@ -106,6 +110,7 @@ def measure(lm: LoadedModel, facts: list[Fact], before: Snapshot, fluency_tokens
             per_fact["neighbour_flips"][i] = mean_or_none([float(x) for x in flips])
         if f.portability:
             per_fact["portability"][i] = mean_or_none(accuracy(lm, [(p.prompt, p.answer) for p in f.portability]))
+    per_fact.update(counterfact_scores_per_fact(lm, facts))
     if fluency_tokens > 0:
         texts = generate(lm, [f.prompt for f in facts], max_new_tokens=fluency_tokens)
         per_fact["fluency"] = {i: ngram_entropy(f.prompt + " " + t) for i, (f, t) in enumerate(zip(facts, texts))}
@@ -117,6 +122,58 @@ def measure(lm: LoadedModel, facts: list[Fact], before: Snapshot, fluency_tokens
     if jobs:
         out["jobs"] = {job_id: averaged(start, stop) for job_id, start, stop in jobs}
     return out
+
+
+@torch.no_grad()
+def mean_nll(lm: LoadedModel, pairs: list[tuple[str, str]], chunk: int = 32) -> list[float]:
+    """For each (prompt, answer): the answer tokens' mean negative log-likelihood after the prompt."""
+    out = []
+    for i in range(0, len(pairs), chunk):
+        batch = pair_batch(lm.tokenizer, pairs[i : i + chunk]).to(lm.device)
+        logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        nll = -logits[batch.rows, batch.cols].float().log_softmax(-1).gather(-1, batch.labels[:, None])[:, 0]  # (N,)
+        n = len(pairs[i : i + chunk])
+        total = torch.zeros(n, device=nll.device).index_add_(0, batch.seq_of_token, nll)
+        count = torch.zeros(n, device=nll.device).index_add_(0, batch.seq_of_token, torch.ones_like(nll))
+        out.extend((total / count).tolist())
+    return out
+
+
+COUNTERFACT_SCORES = ("efficacy_score", "paraphrase_score", "neighbourhood_score")
+
+
+def counterfact_scores_per_fact(lm: LoadedModel, facts: list[Fact]) -> dict[str, dict[int, float]]:
+    """The field's CounterFact scores (ROME, MEMIT and AlphaEdit report them as efficacy, generalization and
+    specificity), per fact index. They compare two answers by their mean token NLL instead of asking for the
+    top-1 token:
+    - efficacy_score: does the prompt make target_new likelier than target_true
+    - paraphrase_score: the same on the rephrase prompts (their share)
+    - neighbourhood_score: the share of locality prompts on which the probe's answer (the true one: CounterFact's
+      neighbours share the fact's true object) stays likelier than target_new
+    Facts without target_true are left out. Weaker than reliability / generalization / locality: an answer
+    that is likelier than the other one need not be the model's top-1, and a neighbour's answer may drift
+    without the new target overtaking it."""
+    pairs, owners = [], []  # (prompt, answer) pairs: new, true; and (score, fact index) for each two
+    for i, f in enumerate(facts):
+        if not f.target_true:
+            continue
+        asked = [("efficacy_score", f.prompt, f.target_true)]
+        asked += [("paraphrase_score", p, f.target_true) for p in f.rephrase_prompts]
+        asked += [("neighbourhood_score", p.prompt, p.answer) for p in f.locality_prompts if p.answer.strip()]
+        for score, prompt, true in asked:
+            pairs += [(prompt, f.target_new), (prompt, true)]
+            owners.append((score, i))
+    nll = mean_nll(lm, pairs) if pairs else []
+    hits: dict[str, dict[int, list[float]]] = {k: {} for k in COUNTERFACT_SCORES}
+    for j, (score, i) in enumerate(owners):
+        new, true = nll[2 * j], nll[2 * j + 1]
+        hits[score].setdefault(i, []).append(float(true < new if score == "neighbourhood_score" else new < true))
+    return {k: {i: sum(v) / len(v) for i, v in d.items()} for k, d in hits.items()}
+
+
+def counterfact_scores(lm: LoadedModel, facts: list[Fact]) -> dict[str, float | None]:
+    """`counterfact_scores_per_fact`, averaged over the facts that have them."""
+    return {k: mean_or_none(list(d.values())) for k, d in counterfact_scores_per_fact(lm, facts).items()}
 
 
 def retention(lm: LoadedModel, facts: list[Fact]) -> float:

@@ -42,6 +42,10 @@ class Checkpoint:
     fluency_base: float
     seconds_per_edit: float | None  # mean of the edits made since the last checkpoint (this run)
     version: str
+    # the field's CounterFact scores over the facts in effect (editing/metrics.py; None without target_true)
+    efficacy_score: float | None = None
+    paraphrase_score: float | None = None
+    neighbourhood_score: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +114,7 @@ class Measurer:
             locality=sum(loc) / len(loc) if loc else None,
             fluency=self._fluency(sample), fluency_base=base_fluency,
             seconds_per_edit=sum(seconds) / len(seconds) if seconds else None, version=head,
+            **metrics.counterfact_scores(lm, live),
         )
 
 

@@ -62,6 +62,10 @@ def test_solve_together_measures_a_batch_and_where_its_locality_goes(tmp_path):
     assert row["n"] == 2 and 0 <= row["locality"] <= 1 and 0 <= row["reliability"] <= 1
     assert set(row["positions"]) == {"all", "first", "middle", "last"}
     assert row["positions"]["all"]["locality"] == pytest.approx(row["locality"])  # the hooks add ΔW exactly
+    # the field's scores beside ours, after the solve and on the base model
+    for scores in (row["counterfact_scores"], row["base_counterfact_scores"]):
+        assert set(scores) == {"efficacy_score", "paraphrase_score", "neighbourhood_score"}
+        assert all(0 <= v <= 1 for v in scores.values())
     # a random ΔW beside the solved one: x0 changes nothing, so it keeps every answer
     run_script("solve_together", "noise", "--smoke", "--scales", "0,1", "--out", str(tmp_path))
     lines = (tmp_path / "solve_together_noise.jsonl").read_text().splitlines()
@@ -83,6 +87,8 @@ def test_value_curves_solve_each_record_at_each_step(tmp_path):
 @pytest.mark.timeout(900)
 def test_locality_failures_reads_a_sequential_checkpoint(tmp_path):
     run_script("sequential", "--smoke", "--variants", "alphaedit", "--out", str(tmp_path))
+    checkpoint = json.loads((tmp_path / "sequential" / "alphaedit-overtone.jsonl").read_text().splitlines()[-1])
+    assert all(0 <= checkpoint[k] <= 1 for k in ("efficacy_score", "paraphrase_score", "neighbourhood_score"))
     run_script("locality_failures", "--run", "alphaedit-overtone", "--edits", "2", "--out", str(tmp_path))
     result = json.loads((tmp_path / "locality-failures" / "alphaedit-overtone-2.json").read_text())
     assert result["probes"] == 2 and 0 <= result["first_token_agreement"] <= 1

@@ -49,3 +49,39 @@ def test_neighbour_flips_is_averaged_and_bootstrapped_in_eval_summaries():
     assert summary["neighbour_flips"] == 0.5
     lo, hi = summary["neighbour_flips_ci"]
     assert 0.0 <= lo <= 0.5 <= hi <= 1.0
+
+
+@torch.no_grad()
+def test_mean_nll_is_the_answer_tokens_mean_negative_log_likelihood():
+    lm = tiny_llama()
+    pairs = [(PROMPT, "Rome"), ("Berlin is the capital of", "the Federal Republic of Germany")]
+    for (prompt, answer), got in zip(pairs, metrics.mean_nll(lm, pairs)):
+        prompt_ids, answer_ids = encode_pair(lm.tokenizer, prompt, answer)
+        logp = lm.model(input_ids=torch.tensor([prompt_ids + answer_ids])).logits[0].log_softmax(-1)
+        by_hand = -sum(float(logp[len(prompt_ids) - 1 + j, t]) for j, t in enumerate(answer_ids)) / len(answer_ids)
+        assert abs(got - by_hand) < 1e-4
+
+
+def test_counterfact_scores_compare_the_two_answers_likelihoods():
+    lm = tiny_llama()
+    # The new target is the answer the unedited model finds less likely, so that every score changes.
+    rome, paris = metrics.mean_nll(lm, [(PROMPT, "Rome"), (PROMPT, "Paris")])
+    target_new, target_true = ("Rome", "Paris") if rome > paris else ("Paris", "Rome")
+    # The fact's own prompt as rephrase and as neighbour: once the edit holds, the first two scores are 1
+    # and the neighbour (whose true answer is target_true) has lost its answer to the new target.
+    fact = Fact(PROMPT, target_new, subject="The Eiffel Tower", target_true=target_true, rephrase_prompts=[PROMPT],
+                locality_prompts=[{"prompt": PROMPT, "answer": target_true}])
+    unscored = Fact("Berlin is the capital of", "France", subject="Berlin")  # no target_true: left out
+    scores = ("efficacy_score", "paraphrase_score", "neighbourhood_score")
+    assert metrics.counterfact_scores(lm, [fact, unscored]) == dict(zip(scores, (0.0, 0.0, 1.0)))
+    snap = metrics.snapshot(lm, [fact, unscored])
+
+    r = edit(lm, [fact], "ft-m", "ce", {"layers": [0], "positions": "all", "lr": 0.05, "steps": 60, "stop": "top1"})
+    originals = apply_delta(lm.model, r.delta)
+    try:
+        after = metrics.counterfact_scores(lm, [fact, unscored])
+        measured = metrics.measure(lm, [fact, unscored], snap)
+    finally:
+        revert(lm.model, originals)
+    assert after == dict(zip(scores, (1.0, 1.0, 0.0)))
+    assert {k: measured[k] for k in scores} == after  # every measurement (eval, jobs, sequential) carries them
