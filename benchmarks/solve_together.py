@@ -16,6 +16,7 @@ and the prompt's last; the prompt's last and the answer's), which says where loc
     python benchmarks/solve_together.py values --n 500 --offset 1000   # records no tuning saw (1000 and up);
     python benchmarks/solve_together.py values --n 500 --offset 1500   # two ranges may run at once
     python benchmarks/solve_together.py solve --n 1000 --offset 1000
+    python benchmarks/solve_together.py unedited --n 100 --offset 1000   # the unedited model's CounterFact scores
 
 Values are trained 8 records at a time until all 8 fit (at most the method's `steps`), so they
 are somewhat stronger than a single edit's; compare rows made from the same values. `--values`
@@ -148,6 +149,16 @@ def solve(n: int, objective: str, trained_with: dict, method: str, overrides: di
     return row
 
 
+def unedited(n: int, offset: int, out: Path, threads: int) -> dict:
+    """The field's CounterFact scores of the unedited model on records offset…offset+n−1 (the baseline of a
+    single-edit run on the same records; a solve's rows carry their own)."""
+    from editing import metrics
+
+    row = {"n": n, "offset": offset, **metrics.counterfact_scores(load(threads), read_facts(n, offset))}
+    append_jsonl(out / "solve_together_unedited.jsonl", row)
+    return row
+
+
 def noise(n: int, objective: str, trained_with: dict, method: str, overrides: dict, out: Path, threads: int,
           scales: list[float]) -> list[dict]:
     """How much of the lost locality the size of ΔW alone explains. Beside the solved ΔW, a random one that
@@ -271,11 +282,13 @@ def report(results: Path) -> str:
             cells = " | ".join(f"{cf[k]:.3f} ({base[k]:.3f})" for k in
                                ("efficacy_score", "paraphrase_score", "neighbourhood_score"))
             lines.append(f"| {_records(n, offset)} | {method} | `{hp}`{trained} | {cells} |")
-    largest = max(n for n, offset, *_ in rows if not offset)
-    _plot([r for (n, offset, *_), r in sorted(rows.items()) if n == largest and not offset],
-          results / "solve_together.png")
-    lines += ["", f"![retention against locality of {largest:,} facts solved together, one point per setting]"
-              "(solve_together.png)", ""]
+    largest = max((n for n, offset, *_ in rows if not offset), default=0)  # the plot: the tuning range's
+    if largest:
+        _plot([r for (n, offset, *_), r in sorted(rows.items()) if n == largest and not offset],
+              results / "solve_together.png")
+        lines += ["", f"![retention against locality of {largest:,} facts solved together, one point per setting]"
+                  "(solve_together.png)"]
+    lines.append("")
     noise = {(r["n"], r["method"], r.get("objective", "overtone"), json.dumps(r["hparams"], sort_keys=True),
               json.dumps(r.get("values", {}), sort_keys=True), r["change"]): r
              for r in read_jsonl(results / "solve_together_noise.jsonl")}
@@ -331,7 +344,7 @@ def _short(key: str, value) -> str:
 def main(argv: list[str] | None = None) -> None:
 
     parser = arguments(__doc__)
-    parser.add_argument("step", choices=["values", "solve", "positions", "noise"])
+    parser.add_argument("step", choices=["values", "solve", "positions", "noise", "unedited"])
     parser.add_argument("--n", type=int, default=200, help="records offset…offset+n−1 of counterfact-dev")
     parser.add_argument("--offset", type=int, default=0,
                         help="first record (0: the tuning range; 1000 and up: records no tuning saw)")
@@ -344,6 +357,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scales", default="0.25,0.5,0.75,1", help="noise: sizes of the random ΔW")
     args = parser.parse_args(argv)
     n = 2 if args.smoke else args.n
+    if args.offset % CHUNK:
+        raise SystemExit(f"--offset must be a multiple of {CHUNK}: values are trained {CHUNK} records at a time, "
+                         "and another grouping would train cached records again")
+    if args.step == "unedited":
+        row = unedited(n, args.offset, args.out, args.threads)
+        print(json.dumps(row))
+        return
     if args.step == "values":
         values(n, args.objective, args.values, args.out, args.threads, args.offset)
         return

@@ -148,8 +148,8 @@ def counterfact_scores_per_fact(lm: LoadedModel, facts: list[Fact]) -> dict[str,
     top-1 token:
     - efficacy_score: does the prompt make target_new likelier than target_true
     - paraphrase_score: the same on the rephrase prompts (their share)
-    - neighbourhood_score: the share of locality prompts on which the probe's answer (the true one: CounterFact's
-      neighbours share the fact's true object) stays likelier than target_new
+    - neighbourhood_score: the share of locality prompts whose answer is the fact's true one (CounterFact's
+      neighbours share the fact's true object) on which it stays likelier than target_new
     Facts without target_true are left out. Weaker than reliability / generalization / locality: an answer
     that is likelier than the other one need not be the model's top-1, and a neighbour's answer may drift
     without the new target overtaking it."""
@@ -159,7 +159,10 @@ def counterfact_scores_per_fact(lm: LoadedModel, facts: list[Fact]) -> dict[str,
             continue
         asked = [("efficacy_score", f.prompt, f.target_true)]
         asked += [("paraphrase_score", p, f.target_true) for p in f.rephrase_prompts]
-        asked += [("neighbourhood_score", p.prompt, p.answer) for p in f.locality_prompts if p.answer.strip()]
+        # CounterFact's neighbours share the fact's true object; other probes (zsRE's unrelated questions, a
+        # probe without an answer) are not what the score compares
+        asked += [("neighbourhood_score", p.prompt, p.answer) for p in f.locality_prompts
+                  if p.answer.strip() == f.target_true.strip()]
         for score, prompt, true in asked:
             pairs += [(prompt, f.target_new), (prompt, true)]
             owners.append((score, i))

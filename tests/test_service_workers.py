@@ -105,6 +105,28 @@ def test_a_worker_stopped_while_redis_is_down_exits_cleanly(tmp_path):
         s.close()
 
 
+def test_a_busy_worker_stopped_while_redis_is_down_exits_cleanly(tmp_path):
+    """SIGTERM during a job while Redis is away: RQ records the stop request in Redis from its signal handler;
+    the worker must neither break on that nor hang, and exits 0 once the job has ended."""
+    s = Stack(tmp_path, str(save_tiny(tiny_llama(), tmp_path / "tiny-llama")))
+    try:
+        worker = s.start_worker()
+        s.start_api()
+        s.wait_ready(workers=1)
+        with httpx.Client(base_url=s.url, timeout=60) as client:
+            accepted = client.post("/edits", json={"facts": slow_facts(), "hparams": SLOW_HPARAMS}).json()
+            poll_edit(client, accepted["job_id"], until=("running",), stack=s)
+        s.valkey.kill()
+        s.valkey.wait(timeout=10)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=120) == 0, s.logs()
+        log = (s.root / "worker-0.log").read_text()
+        assert "stop requested while Redis is away" in log, log
+        assert "set_shutdown_requested_date" not in log, log  # no error raised from the signal handler
+    finally:
+        s.close()
+
+
 @pytest.mark.slow
 def test_a_worker_killed_during_the_store_commit_leaves_one_version_and_no_orphan_ref(tmp_path):
     """The worker dies after writing the blob and manifest, before the branch moves; a healthy worker

@@ -108,21 +108,28 @@ class ResidentWorker(SimpleWorker):
             return super().set_state(state, pipeline)
         self._through_outage(super().set_state, state)
 
-    # Stopping (docker stop) while Redis is away: RQ's teardown cannot record the death, and would end the process
-    # with a traceback and exit status 1. The worker's key expires by itself (worker_ttl) and /ready counts only
-    # workers that beat, so there is nothing to clean up that needs Redis.
+    # Stopping (docker stop) while Redis is away: RQ records the request (busy) and the death (teardown) in Redis,
+    # and either error would end the process with a traceback and exit status 1, or (in the signal handler)
+    # break the job it should let finish. The worker's key expires by itself, another worker's maintenance
+    # drops its registration, and /ready counts only workers that beat: nothing to clean up needs Redis.
+    def set_shutdown_requested_date(self) -> None:
+        try:
+            super().set_shutdown_requested_date()
+        except REDIS_DOWN:
+            log.warning("stop requested while Redis is away: finishing the current job first")
+
     def register_death(self) -> None:
         try:
             super().register_death()
         except REDIS_DOWN:
-            log.warning("stopped without Redis: this worker's entry expires by itself within %d s", self.worker_ttl)
+            log.warning("stopped without Redis: this worker's entry expires by itself")
 
     def unsubscribe(self) -> None:
         try:
             super().unsubscribe()
         except REDIS_DOWN:
-            if self.pubsub_thread:
-                self.pubsub_thread.stop()
+            if self.pubsub_thread:  # bounded: an unreachable host must not outlast docker's stop grace
+                self.pubsub_thread.stop(timeout=COMMAND_POLL_S + 2)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         # Before RQ removes the execution: a late beat would re-register it as started, and a
