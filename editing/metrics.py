@@ -35,14 +35,21 @@ METRICS = ("reliability", "generalization", "locality", "neighbour_flips", "port
 
 
 @torch.no_grad()
-def predictions(lm: LoadedModel, pairs: list[tuple[str, str]], chunk: int = 32) -> list[tuple[list, list]]:
-    """For each (prompt, answer): (top-1 predicted ids, answer ids) at the answer positions."""
-    out = []
+def _answer_logits(lm: LoadedModel, pairs: list[tuple[str, str]], chunk: int = 32):
+    """Per chunk of (prompt, answer) pairs: (its batch, the logits predicting each answer token (N, vocab),
+    how many pairs)."""
     for i in range(0, len(pairs), chunk):
         batch = pair_batch(lm.tokenizer, pairs[i : i + chunk]).to(lm.device)
         logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        pred = logits[batch.rows, batch.cols].argmax(-1)  # (N,)
-        for j in range(len(pairs[i : i + chunk])):
+        yield batch, logits[batch.rows, batch.cols], len(pairs[i : i + chunk])
+
+
+def predictions(lm: LoadedModel, pairs: list[tuple[str, str]], chunk: int = 32) -> list[tuple[list, list]]:
+    """For each (prompt, answer): (top-1 predicted ids, answer ids) at the answer positions."""
+    out = []
+    for batch, logits, n in _answer_logits(lm, pairs, chunk):
+        pred = logits.argmax(-1)  # (N,)
+        for j in range(n):
             sel = batch.seq_of_token == j
             out.append((pred[sel].tolist(), batch.labels[sel].tolist()))
     return out
@@ -124,15 +131,11 @@ def measure(lm: LoadedModel, facts: list[Fact], before: Snapshot, fluency_tokens
     return out
 
 
-@torch.no_grad()
 def mean_nll(lm: LoadedModel, pairs: list[tuple[str, str]], chunk: int = 32) -> list[float]:
     """For each (prompt, answer): the answer tokens' mean negative log-likelihood after the prompt."""
     out = []
-    for i in range(0, len(pairs), chunk):
-        batch = pair_batch(lm.tokenizer, pairs[i : i + chunk]).to(lm.device)
-        logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        nll = -logits[batch.rows, batch.cols].float().log_softmax(-1).gather(-1, batch.labels[:, None])[:, 0]  # (N,)
-        n = len(pairs[i : i + chunk])
+    for batch, logits, n in _answer_logits(lm, pairs, chunk):
+        nll = -logits.float().log_softmax(-1).gather(-1, batch.labels[:, None])[:, 0]  # (N,)
         total = torch.zeros(n, device=nll.device).index_add_(0, batch.seq_of_token, nll)
         count = torch.zeros(n, device=nll.device).index_add_(0, batch.seq_of_token, torch.ones_like(nll))
         out.extend((total / count).tolist())
