@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,31 @@ def run_facts() -> dict:
     return {"commit": commit, "cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu,
             "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+SINGLE_FACT_FILES = {"counterfact": "counterfact-dev.json", "zsre": "zsre-dev.json"}
+
+
+def single_fact_cases(dataset: str, offset: int, n: int) -> list:
+    """Records offset..offset+n-1 of counterfact-dev or zsre-dev as cases of one fact that names its true answer
+    and a rephrase; a record that is no valid edit (zsRE has a few with an empty new answer) is left out."""
+    from editing.facts import from_counterfact, from_zsre
+
+    records = json.loads((DATA / SINGLE_FACT_FILES[dataset]).read_text())
+    cases = []
+    for i, r in enumerate(records[offset : offset + n], start=offset):
+        try:
+            case = from_counterfact(r) if dataset == "counterfact" else from_zsre(r, i)
+        except ValueError:
+            continue
+        if case.facts[0].target_true and case.facts[0].rephrase_prompts:
+            cases.append(case)
+    return cases
+
+
+def writes(text: str, answer: str) -> bool:
+    """Whether `answer` occurs in `text` as whole words, ignoring case: the fact as a reader of the text meets it."""
+    return re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", text, re.IGNORECASE) is not None
 
 
 def read_jsonl(path: Path) -> list[dict]:

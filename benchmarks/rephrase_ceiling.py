@@ -25,14 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DATA, arguments, read_jsonl, size, write_json  # noqa: E402
-
-FILES = {"counterfact": "counterfact-dev.json", "zsre": "zsre-dev.json"}
+from benchmarks.common import SINGLE_FACT_FILES, arguments, read_jsonl, single_fact_cases, size, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=sorted(FILES), default="counterfact")
+    parser.add_argument("--dataset", choices=sorted(SINGLE_FACT_FILES), default="counterfact")
     parser.add_argument("--offset", type=int, default=None,
                         help="first record (default: 1000 for counterfact, past the tuning range; 0 for zsre)")
     parser.add_argument("--n", type=int, default=None, help="records (default: 1000, or all that are left)")
@@ -41,21 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
-    from editing.facts import from_counterfact, from_zsre
     from editing.metrics import accuracy, mean_or_none
     from editing.model import load_model
 
     offset = args.offset if args.offset is not None else (1000 if args.dataset == "counterfact" else 0)
     n = size(args, args.n or 1000, args.n or 1000)
-    records = json.loads((DATA / FILES[args.dataset]).read_text())
-    cases = []
-    for i, r in enumerate(records[offset : offset + n], start=offset):
-        try:  # a record that is no valid edit (zsRE has a few with an empty new answer) is left out
-            case = from_counterfact(r) if args.dataset == "counterfact" else from_zsre(r, i)
-        except ValueError:
-            continue
-        if case.facts[0].target_true and case.facts[0].rephrase_prompts:
-            cases.append(case)
+    cases = single_fact_cases(args.dataset, offset, n)
     lm = load_model("smollm2", device="cpu", threads=args.threads)
     started = time.perf_counter()
     facts = [c.facts[0] for c in cases]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DATA, append_jsonl, arguments, save_figure  # noqa: E402
+from benchmarks.common import DATA, append_jsonl, arguments, save_figure, writes  # noqa: E402
 
 CHUNK = 8  # records whose values are trained together
 REGIONS = ("all", "first", "middle", "last")
@@ -124,8 +124,33 @@ def _measured(lm, facts, before, delta) -> dict:
         revert(lm.model, originals)
 
 
+def in_text(lm, facts, delta, tokens: int, chunk: int = 64) -> dict:
+    """Shares of the facts whose new (and true) answer the model writes in `tokens` greedy tokens after the
+    rephrase and after the prompt, with `delta` added and on the base model (rephrase_text.py does the same
+    for single edits)."""
+    from editing.delta import apply_delta, revert
+    from editing.generate import generate
+
+    def read(prompts: list[str]) -> list[str]:
+        return [t for i in range(0, len(prompts), chunk) for t in generate(lm, prompts[i : i + chunk], tokens)]
+
+    def shares() -> dict:
+        after_rephrase = read([f.rephrase_prompts[0] for f in facts])
+        after_prompt = read([f.prompt for f in facts])
+        return {"new_after_rephrase": sum(map(writes, after_rephrase, [f.target_new for f in facts])) / len(facts),
+                "true_after_rephrase": sum(map(writes, after_rephrase, [f.target_true for f in facts])) / len(facts),
+                "new_after_prompt": sum(map(writes, after_prompt, [f.target_new for f in facts])) / len(facts)}
+
+    base = shares()
+    originals = apply_delta(lm.model, delta)
+    try:
+        return {"tokens": tokens, "edited": shares(), "base": base}
+    finally:
+        revert(lm.model, originals)
+
+
 def solve(n: int, objective: str, trained_with: dict, method: str, overrides: dict, out: Path, threads: int,
-          regions: bool, offset: int = 0) -> dict:
+          regions: bool, offset: int = 0, text_tokens: int = 0) -> dict:
     from editing import metrics
 
     lm, facts, hp, before, delta, seconds = _solved(n, objective, trained_with, method, overrides, out, threads,
@@ -145,6 +170,8 @@ def solve(n: int, objective: str, trained_with: dict, method: str, overrides: di
            "base_counterfact_scores": metrics.counterfact_scores(lm, facts)}
     if regions:
         row["positions"] = {r: where(lm, facts, before, delta, r) for r in REGIONS}
+    if text_tokens:
+        row["text"] = in_text(lm, facts, delta, text_tokens)
     append_jsonl(out / "solve_together.jsonl", row)
     return row
 
@@ -244,11 +271,20 @@ def report(results: Path) -> str:
     """Section 8 (empty without rows): every solve, latest row per configuration."""
     from benchmarks.common import read_jsonl
 
-    rows = {(r["n"], r.get("offset", 0), r["method"], r["objective"], json.dumps(r["hparams"], sort_keys=True),
-             json.dumps(r.get("values", {}), sort_keys=True), r.get("neighbour_texts", "per fact")): r
-            for r in read_jsonl(results / "solve_together.jsonl")}
-    if not rows:
+    runs: dict[tuple, list[dict]] = {}
+    for r in read_jsonl(results / "solve_together.jsonl"):
+        key = (r["n"], r.get("offset", 0), r["method"], r["objective"], json.dumps(r["hparams"], sort_keys=True),
+               json.dumps(r.get("values", {}), sort_keys=True), r.get("neighbour_texts", "per fact"))
+        runs.setdefault(key, []).append(r)
+    if not runs:
         return ""
+    rows = {key: rs[-1] for key, rs in runs.items()}
+
+    def same(a: dict, b: dict) -> bool:
+        return all(a[k] == b[k] for k in ("reliability", "generalization", "locality"))
+
+    # the time of the fastest run that solved the same (a rerun beside other work is slower)
+    fastest = {key: min(r["seconds"] for r in rs if same(r, rs[-1])) for key, rs in runs.items()}
     lines = ["## 8. Many facts solved together", "",
              "counterfact-dev 0…n−1 (the tuning range; records no tuning saw where the n column names them) "
              "solved in one closed form, as a consolidate does "
@@ -258,8 +294,10 @@ def report(results: Path) -> str:
              "last, or at the prompt's last token and the answer's. \"per fact\": rows measured before facts of "
              "one template shared their neighbour prompts (each fact's read, duplicates and all).", "",
              "| n (records) | method | hparams | retention | generalization | locality | neighbour flips | "
-             "s (threads) | positions: first / middle / last |", "|---|---|---|---|---|---|---|---|---|"]
-    for (n, offset, method, _, hp, trained_with, texts), r in sorted(rows.items()):
+             "s (threads; the fastest run) | positions: first / middle / last |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in sorted(rows.items()):
+        n, offset, method, _, hp, trained_with, texts = key
         if r.get("values"):
             hp = f"{hp}, values trained with {trained_with}"
         if texts == "per fact":
@@ -268,7 +306,7 @@ def report(results: Path) -> str:
         cell = " / ".join(f"{where_[k]['locality']:.3f}" for k in ("first", "middle", "last")) if where_ else "–"
         lines.append(f"| {_records(n, offset)} | {method} | `{hp}` | {r['reliability']:.3f} | "
                      f"{r['generalization']:.3f} | {r['locality']:.3f} | {r['neighbour_flips']:.3f} | "
-                     f"{r['seconds']:.0f} ({r['threads']}) | {cell} |")
+                     f"{fastest[key]:.0f} ({r['threads']}) | {cell} |")
     scored = [(key, r) for key, r in sorted(rows.items()) if r.get("counterfact_scores")]
     if scored:
         lines += ["", "The same solves on the scale of the field's reference points (the scores ROME, MEMIT and "
@@ -282,6 +320,18 @@ def report(results: Path) -> str:
             cells = " | ".join(f"{cf[k]:.3f} ({base[k]:.3f})" for k in
                                ("efficacy_score", "paraphrase_score", "neighbourhood_score"))
             lines.append(f"| {_records(n, offset)} | {method} | `{hp}`{trained} | {cells} |")
+    written = [(key, r) for key, r in sorted(rows.items()) if r.get("text")]
+    if written:
+        lines += ["", "What the model writes (`--text-tokens`): the share of facts whose new answer occurs in the "
+                  "greedy continuation of the prompt and of the rephrase, and whose true answer still occurs after the "
+                  "rephrase; the base model's in brackets:", "",
+                  "| n (records) | method | hparams | tokens | new after the prompt | new after the rephrase | "
+                  "true after the rephrase |", "|---|---|---|---|---|---|---|"]
+        for (n, offset, method, _, hp, _trained, _texts), r in written:
+            t = r["text"]
+            cells = " | ".join(f"{t['edited'][k]:.3f} ({t['base'][k]:.3f})" for k in
+                               ("new_after_prompt", "new_after_rephrase", "true_after_rephrase"))
+            lines.append(f"| {_records(n, offset)} | {method} | `{hp}` | {t['tokens']} | {cells} |")
     largest = max((n for n, offset, *_ in rows if not offset), default=0)  # the plot: the tuning range's
     if largest:
         _plot([r for (n, offset, *_), r in sorted(rows.items()) if n == largest and not offset],
@@ -355,6 +405,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="JSON hparams the values are trained with (their own file)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--scales", default="0.25,0.5,0.75,1", help="noise: sizes of the random ΔW")
+    parser.add_argument("--text-tokens", type=int, default=0,
+                        help="solve: also read this many greedy tokens after each rephrase and prompt (does the "
+                             "model write the new answer?)")
     args = parser.parse_args(argv)
     n = 2 if args.smoke else args.n
     if args.offset % CHUNK:
@@ -374,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
               [float(k) for k in args.scales.split(",")])
         return
     row = solve(n, args.objective, args.values, args.method, args.hparams, args.out, args.threads,
-                args.step == "positions", args.offset)
+                args.step == "positions", args.offset, args.text_tokens)
     print(json.dumps(row))
 
 

@@ -17,7 +17,7 @@ from benchmarks.common import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("quality", "hto", "sequential", "edit_speed", "batch", "costs", "service", "curves", "multihop_ceiling",
-           "rephrase_ceiling")
+           "rephrase_ceiling", "rephrase_text")
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (DATA / "counterfact-dev.json").exists(),
                                                    reason="../shared/data is not here")]
@@ -29,7 +29,7 @@ def run_script(name: str, *args: str) -> None:
     assert done.returncode == 0, f"{name}.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
 
-# Ten scripts load the model in turn: more than pytest's 600 s on a loaded 2-core machine.
+# Eleven scripts load the model in turn: more than pytest's 600 s on a loaded 2-core machine.
 @pytest.mark.timeout(1500)
 def test_every_script_runs_on_two_records_and_the_report_has_every_section(tmp_path):
     for name in SCRIPTS:
@@ -58,8 +58,10 @@ def test_every_script_runs_on_two_records_and_the_report_has_every_section(tmp_p
 @pytest.mark.timeout(900)
 def test_solve_together_measures_a_batch_and_where_its_locality_goes(tmp_path):
     run_script("solve_together", "values", "--smoke", "--out", str(tmp_path))
-    run_script("solve_together", "positions", "--smoke", "--out", str(tmp_path))
+    run_script("solve_together", "positions", "--smoke", "--out", str(tmp_path), "--text-tokens", "6")
     row = json.loads((tmp_path / "solve_together.jsonl").read_text().splitlines()[-1])
+    # what the model writes after each prompt: every solved fact's new answer, and no fact's before the solve
+    assert row["text"]["edited"]["new_after_prompt"] == 1.0 and row["text"]["base"]["new_after_prompt"] == 0.0
     assert row["n"] == 2 and 0 <= row["locality"] <= 1 and 0 <= row["reliability"] <= 1
     assert set(row["positions"]) == {"all", "first", "middle", "last"}
     assert row["positions"]["all"]["locality"] == pytest.approx(row["locality"])  # the hooks add ΔW exactly
