@@ -240,10 +240,6 @@ def _write_url_file(folder: Path, url: str) -> Path:
     return path
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/ready", timeout=2) as r:
@@ -275,7 +271,12 @@ def up(
     redis_url = redis_url or os.environ.get("LMEDIT_REDIS_URL")
     store_dir = Path(settings.store) if "://" not in settings.store else Path("lmedit-redis")
     sup = Supervisor(lambda line: err.print(line))
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C and SIGTERM only record the request, which the supervisor's loop reads between two rounds: an
+    # exception raised from a signal handler can land inside subprocess's bookkeeping (Popen.poll between taking
+    # its wait lock and its try block), and the shutdown's wait on that child would then block for ever
+    stopping: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
     failure: str | None = None
     url_file: Path | None = None
     try:
@@ -317,13 +318,11 @@ def up(
                           f"  curl '{url}/generate?prompt=The+Eiffel+Tower+is+located+in+the+city+of"
                           f"&max_new_tokens=8'\n  Ctrl-C stops everything.")
 
-        sup.run(on_tick=announce)
+        sup.run(on_tick=announce, stop_requested=lambda: bool(stopping))
     except GaveUp as e:
         failure = str(e)
     except (OSError, RuntimeError) as e:  # a child could not start at all (valkey-server: port taken)
         failure = f"could not start: {e}"
-    except KeyboardInterrupt:
-        pass
     finally:
         # a second Ctrl-C must not cut the shutdown short: children get SIGTERM, then SIGKILL after a grace
         signal.signal(signal.SIGINT, signal.SIG_IGN)

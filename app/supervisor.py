@@ -88,9 +88,10 @@ class Supervisor:
                 child.restarts += 1
                 self.log(f"restarted {child.name} (pid {child.proc.pid}, restart {child.restarts})")
 
-    def run(self, on_tick: Callable[[], None] | None = None, interval_s: float = 0.5) -> None:
-        """Supervise until GaveUp (or KeyboardInterrupt, which SIGTERM is turned into by the caller)."""
-        while True:
+    def run(self, on_tick: Callable[[], None] | None = None, interval_s: float = 0.5,
+            stop_requested: Callable[[], bool] = lambda: False) -> None:
+        """Supervise until `stop_requested()` (lmedit up's Ctrl-C and SIGTERM handlers set it), or GaveUp."""
+        while not stop_requested():
             self.poll()
             if on_tick is not None:
                 on_tick()

@@ -50,7 +50,13 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path):
         assert (store / "redis" / "appendonlydir").is_dir()
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:  # say where it hung rather than only that it did
+            proc.kill()
+            proc.wait()
+            reader.join(10)
+            raise AssertionError("lmedit up did not stop within 60 s of Ctrl-C:\n" + "".join(lines)) from None
         reader.join(10)
     output = "".join(lines)
     assert proc.returncode == 0, output
