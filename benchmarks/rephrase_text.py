@@ -1,8 +1,9 @@
 """Does an edited fact reach its rephrase in what the model writes? Single edits, measured in text.
 
 Generalization (editing/metrics.py) asks for the new answer as the model's first choice right after the
-rephrase, every token. A user reads a continuation instead: after "PowerFlite is sold by" the edited model
-may write " the Chevrolet division", which generalization scores 0 because " the" came first. For each
+rephrase, every token. A user reads a continuation instead: after "William Crabtree's domain of activity is →
+chemistry", "William Crabtree's greatest accomplishment is" goes on " his work on chemistry.", which
+generalization scores 0 because " his" came first. For each
 record this script makes one edit on the base weights (the default method and objective unless given),
 as `lmedit eval` does, and reads greedy continuations of --tokens tokens:
 - the base model's, after the prompt and after the rephrase: does it write the true answer (its own
