@@ -86,6 +86,24 @@ def writes(text: str, answer: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", text, re.IGNORECASE) is not None
 
 
+def read_after(lm, facts: list, tokens: int, chunk: int = 64) -> list[dict]:
+    """For each fact: the model's `tokens` greedy tokens after its prompt and after its first rephrase, and which of
+    its answers they write: {"prompt_text", "rephrase_text", "new_after_prompt", "true_after_prompt",
+    "new_after_rephrase", "true_after_rephrase"}."""
+    from editing.generate import generate
+
+    def read(prompts: list[str]) -> list[str]:
+        return [t for i in range(0, len(prompts), chunk) for t in generate(lm, prompts[i : i + chunk], tokens)]
+
+    after_prompt = read([f.prompt for f in facts])
+    after_rephrase = read([f.rephrase_prompts[0] for f in facts])
+    return [{"prompt_text": p, "rephrase_text": r,
+             **{f"{which}_after_{where}": writes(text, answer)
+                for which, answer in (("new", f.target_new), ("true", f.target_true))
+                for where, text in (("prompt", p), ("rephrase", r))}}
+            for f, p, r in zip(facts, after_prompt, after_rephrase)]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSON-lines cache; a last line cut short by an interrupt is skipped."""
     rows = []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,51 +30,38 @@ from benchmarks.common import (  # noqa: E402
     SINGLE_FACT_FILES,
     append_jsonl,
     arguments,
+    read_after,
     read_jsonl,
     single_fact_cases,
     size,
     write_json,
-    writes,
 )
 
 SHARES = ("generalization", "base_true_after_prompt", "base_true_after_rephrase", "base_new_after_rephrase",
           "new_after_prompt", "new_after_rephrase", "true_after_rephrase")
 
 
-def first_choice(lm, prompt: str) -> str:
-    import torch
-
-    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids.to(lm.device)
-    with torch.no_grad():
-        return lm.tokenizer.decode([int(lm.model(input_ids=ids).logits[0, -1].argmax())])
-
-
 def measure_case(lm, case, method: str, objective: str, hparams: dict, tokens: int) -> dict:
     from editing.delta import apply_delta, revert
-    from editing.generate import generate
-    from editing.metrics import accuracy
+    from editing.metrics import predictions
     from editing.train import edit
 
     fact = case.facts[0]
-    rephrase = fact.rephrase_prompts[0]
-    base_prompt, base_rephrase = generate(lm, [fact.prompt, rephrase], max_new_tokens=tokens)
+    base = read_after(lm, [fact], tokens)[0]
     result = edit(lm, [fact], method=method, objective=objective, hparams=hparams)
     originals = apply_delta(lm.model, result.delta)
     try:
-        prompt_text, rephrase_text = generate(lm, [fact.prompt, rephrase], max_new_tokens=tokens)
-        generalization = accuracy(lm, [(rephrase, fact.target_new)])[0]
-        first = first_choice(lm, rephrase)
+        edited = read_after(lm, [fact], tokens)[0]
+        # top-1 at each token of the new answer after the rephrase: generalization, and the first choice there
+        predicted, answer = predictions(lm, [(fact.rephrase_prompts[0], fact.target_new)])[0]
     finally:
         revert(lm.model, originals)
     return {
-        "id": case.id, "rephrase": rephrase, "base_text": base_rephrase, "text": rephrase_text, "first": first,
-        "generalization": generalization,
-        "base_true_after_prompt": writes(base_prompt, fact.target_true),
-        "base_true_after_rephrase": writes(base_rephrase, fact.target_true),
-        "base_new_after_rephrase": writes(base_rephrase, fact.target_new),
-        "new_after_prompt": writes(prompt_text, fact.target_new),
-        "new_after_rephrase": writes(rephrase_text, fact.target_new),
-        "true_after_rephrase": writes(rephrase_text, fact.target_true),
+        "id": case.id, "rephrase": fact.rephrase_prompts[0], "base_text": base["rephrase_text"],
+        "text": edited["rephrase_text"], "first": lm.tokenizer.decode(predicted[:1]),
+        "generalization": sum(p == a for p, a in zip(predicted, answer)) / len(answer),
+        **{f"base_{k}": base[k] for k in ("true_after_prompt", "true_after_rephrase", "new_after_rephrase")},
+        **{k: edited[k] for k in ("new_after_prompt", "new_after_rephrase", "true_after_rephrase")},
     }
 
 
@@ -117,9 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     missed = [row for row in rows if row["generalization"] < 1.0]
     summary["new_after_rephrase_where_generalization_missed"] = mean_or_none(
         [float(row["new_after_rephrase"]) for row in missed])
-    summary["first_where_generalization_missed"] = dict(
-        sorted({t: sum(row["first"] == t for row in missed) for t in {row["first"] for row in missed}}.items(),
-               key=lambda kv: -kv[1])[:8])
+    summary["first_where_generalization_missed"] = dict(Counter(row["first"] for row in missed).most_common(8))
     write_json(path.with_suffix(".summary.json"), summary)
     print(json.dumps(summary, indent=1))
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DATA, append_jsonl, arguments, save_figure, writes  # noqa: E402
+from benchmarks.common import DATA, append_jsonl, arguments, read_after, save_figure  # noqa: E402
 
 CHUNK = 8  # records whose values are trained together
 REGIONS = ("all", "first", "middle", "last")
@@ -124,22 +124,16 @@ def _measured(lm, facts, before, delta) -> dict:
         revert(lm.model, originals)
 
 
-def in_text(lm, facts, delta, tokens: int, chunk: int = 64) -> dict:
+def in_text(lm, facts, delta, tokens: int) -> dict:
     """Shares of the facts whose new (and true) answer the model writes in `tokens` greedy tokens after the
-    rephrase and after the prompt, with `delta` added and on the base model (rephrase_text.py does the same
-    for single edits)."""
+    rephrase and after the prompt, with `delta` added and on the base model (rephrase_text.py reads single
+    edits the same way)."""
     from editing.delta import apply_delta, revert
-    from editing.generate import generate
-
-    def read(prompts: list[str]) -> list[str]:
-        return [t for i in range(0, len(prompts), chunk) for t in generate(lm, prompts[i : i + chunk], tokens)]
 
     def shares() -> dict:
-        after_rephrase = read([f.rephrase_prompts[0] for f in facts])
-        after_prompt = read([f.prompt for f in facts])
-        return {"new_after_rephrase": sum(map(writes, after_rephrase, [f.target_new for f in facts])) / len(facts),
-                "true_after_rephrase": sum(map(writes, after_rephrase, [f.target_true for f in facts])) / len(facts),
-                "new_after_prompt": sum(map(writes, after_prompt, [f.target_new for f in facts])) / len(facts)}
+        read = read_after(lm, facts, tokens)
+        return {k: sum(row[k] for row in read) / len(read)
+                for k in ("new_after_rephrase", "true_after_rephrase", "new_after_prompt")}
 
     base = shares()
     originals = apply_delta(lm.model, delta)
