@@ -80,12 +80,15 @@ def _metrics_table(title: str, row: dict, keys) -> Table:
 
 
 def _cached_results(path: Path | None, config: dict) -> dict:
-    """Records of an earlier run in `path` (JSON lines), by case id; they must share `config`."""
+    """Records of an earlier run in `path` (JSON lines), by case id; they must share `config`. A record
+    measured before one of today's metrics existed runs again, so that every mean is over the same records."""
     from editing.evaluate import CaseResult
+    from editing.metrics import METRICS
 
     done: dict = {}
     if path is None or not path.exists():
         return done
+    stale = 0
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -96,7 +99,12 @@ def _cached_results(path: Path | None, config: dict) -> dict:
         if row.get("config") != config:
             fail(f"{path}:{n} was written with other settings ({row.get('config')}); "
                  "use another --out or drop --resume")
+        if not set(METRICS) <= row["metrics"].keys():
+            stale += 1
+            continue
         done[row["id"]] = CaseResult(row["id"], row["metrics"], row["seconds"], row["steps"])
+    if stale:
+        console.print(f"{path}: {stale} record(s) measured before some of today's metrics existed run again")
     return done
 
 

@@ -28,35 +28,53 @@ import torch
 from editing.facts import Fact, Probe
 from editing.generate import generate
 from editing.model import LoadedModel
-from editing.tokens import encode_pair, pair_batch
+from editing.tokens import encode_pair, join, pair_batch
+from editing.train import target_logits
 
 METRICS = ("reliability", "generalization", "locality", "neighbour_flips", "portability", "fluency",
            "efficacy_score", "paraphrase_score", "neighbourhood_score")
 
 
+@dataclass
+class Reading:
+    """What the model makes of one (prompt, answer) pair, teacher-forced at the answer's tokens."""
+
+    predicted: list[int]  # top-1 id at each answer position
+    labels: list[int]  # the answer's ids
+    nll: float  # the answer tokens' mean negative log-likelihood
+
+
 @torch.no_grad()
-def _answer_logits(lm: LoadedModel, pairs: list[tuple[str, str]], chunk: int = 32):
-    """Per chunk of (prompt, answer) pairs: (its batch, the logits predicting each answer token (N, vocab),
-    how many pairs)."""
-    for i in range(0, len(pairs), chunk):
-        batch = pair_batch(lm.tokenizer, pairs[i : i + chunk]).to(lm.device)
-        logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        yield batch, logits[batch.rows, batch.cols], len(pairs[i : i + chunk])
+def read(lm: LoadedModel, pairs: list[tuple[str, str]], chunk: int = 32) -> list[Reading]:
+    """One Reading per (prompt, answer), in order. A pair asked twice is read once, and pairs are batched
+    by length (less padding); the LM head runs only at the answer positions."""
+    distinct = list(dict.fromkeys(pairs))
+    order = sorted(range(len(distinct)), key=lambda i: len(join(*distinct[i])))
+    found: dict[tuple[str, str], Reading] = {}
+    for start in range(0, len(order), chunk):
+        asked = [distinct[i] for i in order[start : start + chunk]]
+        batch = pair_batch(lm.tokenizer, asked).to(lm.device)
+        logits = target_logits(lm.model, batch).float()  # (N, V)
+        pred = logits.argmax(-1)  # (N,)
+        nll = -logits.log_softmax(-1).gather(-1, batch.labels[:, None])[:, 0]  # (N,)
+        for j, pair in enumerate(asked):
+            sel = batch.seq_of_token == j
+            found[pair] = Reading(pred[sel].tolist(), batch.labels[sel].tolist(), float(nll[sel].mean()))
+    return [found[p] for p in pairs]
 
 
 def predictions(lm: LoadedModel, pairs: list[tuple[str, str]], chunk: int = 32) -> list[tuple[list, list]]:
     """For each (prompt, answer): (top-1 predicted ids, answer ids) at the answer positions."""
-    out = []
-    for batch, logits, n in _answer_logits(lm, pairs, chunk):
-        pred = logits.argmax(-1)  # (N,)
-        for j in range(n):
-            sel = batch.seq_of_token == j
-            out.append((pred[sel].tolist(), batch.labels[sel].tolist()))
-    return out
+    return [(r.predicted, r.labels) for r in read(lm, pairs, chunk)]
+
+
+def top1_share(r: Reading) -> float:
+    """The share of the answer's tokens that are the model's top-1 (teacher-forced)."""
+    return sum(p == a for p, a in zip(r.predicted, r.labels)) / len(r.labels)
 
 
 def accuracy(lm: LoadedModel, pairs: list[tuple[str, str]]) -> list[float]:
-    return [sum(p == a for p, a in zip(pr, ans)) / len(ans) for pr, ans in predictions(lm, pairs)]
+    return [top1_share(r) for r in read(lm, pairs)]
 
 
 @dataclass
@@ -99,25 +117,34 @@ def mean_or_none(xs: list[float]) -> float | None:
 def measure(lm: LoadedModel, facts: list[Fact], before: Snapshot, fluency_tokens: int = 0,
             jobs: list[tuple[str, int, int]] | None = None) -> dict:
     """Metrics of the model as it stands now (after the edit), averaged over facts. `jobs`: a coalesced
-    edit's (job id, start, stop) fact ranges; each job's own averages then go in out["jobs"][job id]."""
-    per_fact: dict[str, dict[int, float]] = {k: {} for k in METRICS}  # metric -> fact index -> value
-    rel = accuracy(lm, [(f.prompt, f.target_new) for f in facts])
+    edit's (job id, start, stop) fact ranges; each job's own averages then go in out["jobs"][job id].
+    Every (prompt, answer) pair that any metric asks about is read once, all facts in one batched pass."""
+    asked: list[tuple[str, str]] = []
     for i, f in enumerate(facts):
-        per_fact["reliability"][i] = rel[i]
+        asked += [(f.prompt, f.target_new)] + [(p, f.target_new) for p in f.rephrase_prompts]
+        asked += [(p.prompt, p.answer) for p in before.probes[i]] + [(p.prompt, p.answer) for p in f.portability]
+    scored = _counterfact_pairs(facts)
+    asked += [pair for _, _, new, true in scored for pair in (new, true)]
+    reading = dict(zip(asked, read(lm, asked)))
+
+    per_fact: dict[str, dict[int, float]] = {k: {} for k in METRICS}  # metric -> fact index -> value
+    for i, f in enumerate(facts):
+        per_fact["reliability"][i] = top1_share(reading[f.prompt, f.target_new])
         if f.rephrase_prompts:
-            per_fact["generalization"][i] = mean_or_none(accuracy(lm, [(p, f.target_new) for p in f.rephrase_prompts]))
+            per_fact["generalization"][i] = mean_or_none([top1_share(reading[p, f.target_new])
+                                                          for p in f.rephrase_prompts])
         if before.probes[i]:
-            now = predictions(lm, [(p.prompt, p.answer) for p in before.probes[i]])
-            agree = [sum(a == b for a, b in zip(pre, post)) / len(pre)
-                     for pre, (post, _) in zip(before.predicted[i], now)]
+            now = [reading[p.prompt, p.answer].predicted for p in before.probes[i]]
+            agree = [sum(a == b for a, b in zip(pre, post)) / len(pre) for pre, post in zip(before.predicted[i], now)]
             per_fact["locality"][i] = mean_or_none(agree)
             # Position 0 of each probe's answer is the next token after its prompt: no extra forward.
             new_first = [encode_pair(lm.tokenizer, p.prompt, f.target_new)[1][0] for p in before.probes[i]]
-            flips = [pre[0] != t and post[0] == t for pre, (post, _), t in zip(before.predicted[i], now, new_first)]
+            flips = [pre[0] != t and post[0] == t for pre, post, t in zip(before.predicted[i], now, new_first)]
             per_fact["neighbour_flips"][i] = mean_or_none([float(x) for x in flips])
         if f.portability:
-            per_fact["portability"][i] = mean_or_none(accuracy(lm, [(p.prompt, p.answer) for p in f.portability]))
-    per_fact.update(counterfact_scores_per_fact(lm, facts))
+            per_fact["portability"][i] = mean_or_none([top1_share(reading[p.prompt, p.answer])
+                                                       for p in f.portability])
+    per_fact.update(_counterfact_hits(scored, {pair: r.nll for pair, r in reading.items()}))
     if fluency_tokens > 0:
         texts = generate(lm, [f.prompt for f in facts], max_new_tokens=fluency_tokens)
         per_fact["fluency"] = {i: ngram_entropy(f.prompt + " " + t) for i, (f, t) in enumerate(zip(facts, texts))}
@@ -133,13 +160,7 @@ def measure(lm: LoadedModel, facts: list[Fact], before: Snapshot, fluency_tokens
 
 def mean_nll(lm: LoadedModel, pairs: list[tuple[str, str]], chunk: int = 32) -> list[float]:
     """For each (prompt, answer): the answer tokens' mean negative log-likelihood after the prompt."""
-    out = []
-    for batch, logits, n in _answer_logits(lm, pairs, chunk):
-        nll = -logits.float().log_softmax(-1).gather(-1, batch.labels[:, None])[:, 0]  # (N,)
-        total = torch.zeros(n, device=nll.device).index_add_(0, batch.seq_of_token, nll)
-        count = torch.zeros(n, device=nll.device).index_add_(0, batch.seq_of_token, torch.ones_like(nll))
-        out.extend((total / count).tolist())
-    return out
+    return [r.nll for r in read(lm, pairs, chunk)]
 
 
 COUNTERFACT_SCORES = ("efficacy_score", "paraphrase_score", "neighbourhood_score")
@@ -156,7 +177,14 @@ def counterfact_scores_per_fact(lm: LoadedModel, facts: list[Fact]) -> dict[str,
     Facts without target_true are left out. Weaker than reliability / generalization / locality: an answer
     that is likelier than the other one need not be the model's top-1, and a neighbour's answer may drift
     without the new target overtaking it."""
-    pairs, owners = [], []  # (prompt, answer) pairs: new, true; and (score, fact index) for each two
+    scored = _counterfact_pairs(facts)
+    pairs = [pair for _, _, new, true in scored for pair in (new, true)]
+    return _counterfact_hits(scored, dict(zip(pairs, mean_nll(lm, pairs))))
+
+
+def _counterfact_pairs(facts: list[Fact]) -> list[tuple[str, int, tuple[str, str], tuple[str, str]]]:
+    """(score, fact index, (prompt, target_new), (prompt, true answer)) for every comparison the scores make."""
+    out = []
     for i, f in enumerate(facts):
         if not f.target_true:
             continue
@@ -166,14 +194,16 @@ def counterfact_scores_per_fact(lm: LoadedModel, facts: list[Fact]) -> dict[str,
         # probe without an answer) are not what the score compares
         asked += [("neighbourhood_score", p.prompt, p.answer) for p in f.locality_prompts
                   if p.answer.strip() == f.target_true.strip()]
-        for score, prompt, true in asked:
-            pairs += [(prompt, f.target_new), (prompt, true)]
-            owners.append((score, i))
-    nll = mean_nll(lm, pairs) if pairs else []
+        out += [(score, i, (prompt, f.target_new), (prompt, true)) for score, prompt, true in asked]
+    return out
+
+
+def _counterfact_hits(scored, nll: dict[tuple[str, str], float]) -> dict[str, dict[int, float]]:
+    """Each score per fact index: the share of its comparisons the expected answer wins on mean NLL."""
     hits: dict[str, dict[int, list[float]]] = {k: {} for k in COUNTERFACT_SCORES}
-    for j, (score, i) in enumerate(owners):
-        new, true = nll[2 * j], nll[2 * j + 1]
-        hits[score].setdefault(i, []).append(float(true < new if score == "neighbourhood_score" else new < true))
+    for score, i, new, true in scored:
+        won = nll[true] < nll[new] if score == "neighbourhood_score" else nll[new] < nll[true]
+        hits[score].setdefault(i, []).append(float(won))
     return {k: {i: sum(v) / len(v) for i, v in d.items()} for k, d in hits.items()}
 
 

@@ -9,6 +9,8 @@ Every `every` edits the head is measured on *all* facts edited so far:
 - locality: agreement with the *base* model's predictions on their locality prompts;
 - fluency: n-gram entropy of greedy continuations of a fixed sample of edited prompts
   (`fluency_base`: the base model's on the same prompts).
+The first three (and the field's CounterFact scores) are `editing.metrics.measure`'s, as for a single
+edit: per fact, then averaged over the facts, all of them read in one batched pass.
 
 Edit i carries job id `seq-<i>`, so a run on a kept store resumes from the branch head.
 """
@@ -101,20 +103,15 @@ class Measurer:
         sample = self.fluency_sample(live)
         base_fluency = self.base_fluency(session, sample, head)
         session.checkout(head)  # measured at `head`, wherever the session was
-        rel = metrics.accuracy(lm, [(f.prompt, f.target_new) for f in live])
-        gen = metrics.accuracy(lm, [(p, f.target_new) for f in live for p in f.rephrase_prompts])
         rows = [self.index[id(f)] for f in live]
-        probes = [(p.prompt, p.answer) for i in rows for p in self.before.probes[i]]
-        pre = [pr for i in rows for pr in self.before.predicted[i]]
-        post = [pr for pr, _ in metrics.predictions(lm, probes)] if probes else []
-        loc = [sum(a == b for a, b in zip(x, y)) / len(x) for x, y in zip(pre, post)]
+        against = metrics.Snapshot(probes=[self.before.probes[i] for i in rows],
+                                   predicted=[self.before.predicted[i] for i in rows])
+        measured = metrics.measure(lm, live, against)
         return Checkpoint(
-            edits=len(edited), retention=sum(rel) / len(rel),
-            generalization=sum(gen) / len(gen) if gen else None,
-            locality=sum(loc) / len(loc) if loc else None,
-            fluency=self._fluency(sample), fluency_base=base_fluency,
+            edits=len(edited), retention=measured["reliability"], generalization=measured["generalization"],
+            locality=measured["locality"], fluency=self._fluency(sample), fluency_base=base_fluency,
             seconds_per_edit=sum(seconds) / len(seconds) if seconds else None, version=head,
-            **metrics.counterfact_scores(lm, live),
+            **{k: measured[k] for k in metrics.COUNTERFACT_SCORES},
         )
 
 

@@ -71,7 +71,7 @@ def test_bad_input_is_a_clear_error(model_dir, tmp_path):
     assert code == 1
 
 
-def test_eval_prints_json_summary(model_dir, tmp_path):
+def two_records(tmp_path):
     data = tmp_path / "cf.json"
     data.write_text(json.dumps([
         {"case_id": i, "prompt": p, "target_new": t, "subject": s, "ground_truth": "x",
@@ -81,13 +81,36 @@ def test_eval_prints_json_summary(model_dir, tmp_path):
             ("Toko Yasuda plays the", "piano", "Toko Yasuda", "Toko Yasuda is known for playing the"),
         ])
     ]))
-    code, out = run("eval", "--data", data, "--n", "2", "--model", model_dir, "--method", "ft-m", "--hparams", HP,
-                    "--json")
+    return data
+
+
+def test_eval_prints_json_summary(model_dir, tmp_path):
+    code, out = run("eval", "--data", two_records(tmp_path), "--n", "2", "--model", model_dir, "--method", "ft-m",
+                    "--hparams", HP, "--json")
     assert code == 0, out
     summary = json.loads(out)
     assert summary["n"] == 2 and summary["reliability"] == 1.0
     for key in ("generalization", "locality", "portability", "seconds_per_edit"):
         assert key in summary
+
+
+def test_eval_resume_runs_again_a_record_measured_before_a_metric_existed(model_dir, tmp_path):
+    data, rows = two_records(tmp_path), tmp_path / "rows.jsonl"
+    common = ("eval", "--data", data, "--n", "2", "--model", model_dir, "--method", "ft-m", "--hparams", HP,
+              "--out", rows, "--json")
+    code, out = run(*common)
+    assert code == 0, out
+    first = json.loads(out)
+    lines = [json.loads(line) for line in rows.read_text().splitlines()]
+    del lines[0]["metrics"]["neighbour_flips"]  # as a row written before the metric existed
+    rows.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    code, out = run(*common, "--resume")
+    assert code == 0, out
+    summary = json.loads(out)
+    assert summary["reused"] == 1  # the other record was edited and measured again
+    assert summary["neighbour_flips"] == first["neighbour_flips"] and summary["neighbour_flips_ci"] is not None
+    assert len(rows.read_text().splitlines()) == 3
 
 
 def test_eval_sequential_checkpoints_and_resumes(model_dir, tmp_path):

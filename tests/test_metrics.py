@@ -85,3 +85,25 @@ def test_counterfact_scores_compare_the_two_answers_likelihoods():
         revert(lm.model, originals)
     assert after == dict(zip(scores, (1.0, 1.0, 0.0)))
     assert {k: measured[k] for k in scores} == after  # every measurement (eval, jobs, sequential) carries them
+
+
+@torch.no_grad()
+def test_read_batches_distinct_pairs_once_and_matches_each_pair_read_alone():
+    lm = tiny_llama()
+    pairs = [(PROMPT, "Rome"), ("Berlin is the capital of", "the Federal Republic of Germany"), (PROMPT, "Rome"),
+             ("Toko Yasuda plays the", "piano"), (PROMPT, "Paris")]
+    calls = []
+    hook = lm.model.get_output_embeddings().register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    try:
+        together = metrics.read(lm, pairs, chunk=2)
+        alone = [metrics.read(lm, [p])[0] for p in pairs]
+    finally:
+        hook.remove()
+    # 4 distinct pairs in chunks of 2: two forwards (then one per pair read alone), the LM head only at the
+    # answers' tokens
+    answer_tokens = [len(encode_pair(lm.tokenizer, p, a)[1]) for p, a in dict.fromkeys(pairs)]
+    assert len(calls) == 2 + len(pairs) and sum(calls[:2]) == sum(answer_tokens)
+    assert together[0] == together[2]
+    for t, a in zip(together, alone):
+        assert (t.predicted, t.labels) == (a.predicted, a.labels)  # padding and batch-mates change nothing
+        assert abs(t.nll - a.nll) < 1e-5
