@@ -53,11 +53,11 @@ OBJECTIVES = ("ce", "overtone", "overtone-kl")
 # where ft-m kept 0.59), and single edits generalise as well (README "Many facts on one branch").
 DEFAULT_METHOD = "alphaedit"
 # The default reading of OVERTONE. Issue 12's rule (the highest generalization at locality ≥ 0.90 on
-# counterfact-dev 0–999; benchmarks/curves.py, REPORT.md section 7) ties on the dev choice set: ft-m,
-# lr 5e-3, n = 28 (records 0–27), generalization 0.286 [0.12, 0.45] for overtone-kl, overtone and ce
-# at step 13; overtone-kl wins only the locality tie-break (0.952 vs 0.917), at a fixed step its own
-# stop rule does not reproduce. It does not hold on other data: held-out counterfact 1000–1012
-# locality 0.718 vs overtone's 0.769, zsRE 0–12 generalization 0.840 vs 0.918; and with alphaedit
+# counterfact-dev 0–999; benchmarks/curves.py, REPORT.md section 7), on ft-m with n = 100 (records
+# 0–99): no objective reaches locality 0.90 where reliability is ≥ 0.99; of the readings that end an edit,
+# `overtone`'s own stop rule keeps the most locality on dev (0.858), held-out counterfact
+# 1000–1099 (0.905) and zsRE 0–99 (0.919), at ce's generalization within 0.015. (At n = 28 the rule had
+# picked overtone-kl at a fixed step; it did not hold on the larger sample.) With alphaedit
 # (counterfact-dev 500–509) both give 1.000 / 0.333 / 0.95, overtone-kl in 23.6 steps vs 15.7.
 # What holds across datasets wins: `overtone`. `overtone-kl` and `ce` stay, named.
 DEFAULT_OBJECTIVE = "overtone"
