@@ -43,7 +43,7 @@ SHARES = ("generalization", "base_true_after_prompt", "base_true_after_rephrase"
 
 def measure_case(lm, case, method: str, objective: str, hparams: dict, tokens: int) -> dict:
     from editing.delta import apply_delta, revert
-    from editing.metrics import predictions
+    from editing.metrics import read, top1_share
     from editing.train import edit
 
     fact = case.facts[0]
@@ -53,13 +53,13 @@ def measure_case(lm, case, method: str, objective: str, hparams: dict, tokens: i
     try:
         edited = read_after(lm, [fact], tokens)[0]
         # top-1 at each token of the new answer after the rephrase: generalization, and the first choice there
-        predicted, answer = predictions(lm, [(fact.rephrase_prompts[0], fact.target_new)])[0]
+        reading = read(lm, [(fact.rephrase_prompts[0], fact.target_new)])[0]
     finally:
         revert(lm.model, originals)
     return {
         "id": case.id, "rephrase": fact.rephrase_prompts[0], "base_text": base["rephrase_text"],
-        "text": edited["rephrase_text"], "first": lm.tokenizer.decode(predicted[:1]),
-        "generalization": sum(p == a for p, a in zip(predicted, answer)) / len(answer),
+        "text": edited["rephrase_text"], "first": lm.tokenizer.decode(reading.predicted[:1]),
+        "generalization": top1_share(reading),
         **{f"base_{k}": base[k] for k in ("true_after_prompt", "true_after_rephrase", "new_after_rephrase")},
         **{k: edited[k] for k in ("new_after_prompt", "new_after_rephrase", "true_after_rephrase")},
     }

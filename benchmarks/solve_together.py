@@ -224,7 +224,7 @@ def where(lm, facts, before, delta, region: str) -> dict:
     import torch
 
     from editing import metrics
-    from editing.tokens import encode_pair
+    from editing.tokens import encode_pair, pair_batch
 
     modules = dict(lm.model.named_modules())
     changes = {name.removesuffix(".weight"): delta.change(name) for name in delta.names()}
@@ -246,8 +246,9 @@ def where(lm, facts, before, delta, region: str) -> dict:
             found = []
             for i in range(0, len(pairs), 32):
                 part = pairs[i:i + 32]
+                # the hook's prompt lengths follow the batch's rows: read this batch as made, not re-ordered
                 state["prompt_len"] = torch.tensor([len(encode_pair(lm.tokenizer, p, a)[0]) for p, a in part])
-                found += metrics.predictions(lm, part, chunk=32)
+                found += [(r.predicted, r.labels) for r in metrics.read_batch(lm, pair_batch(lm.tokenizer, part))]
             return found
         finally:
             for h in handles:

@@ -28,7 +28,7 @@ import torch
 from editing.facts import Fact, Probe
 from editing.generate import generate
 from editing.model import LoadedModel
-from editing.tokens import encode_pair, join, pair_batch
+from editing.tokens import PairBatch, encode_pair, join, pair_batch
 from editing.train import target_logits
 
 METRICS = ("reliability", "generalization", "locality", "neighbour_flips", "portability", "fluency",
@@ -44,23 +44,28 @@ class Reading:
     nll: float  # the answer tokens' mean negative log-likelihood
 
 
-@torch.no_grad()
 def read(lm: LoadedModel, pairs: list[tuple[str, str]], chunk: int = 32) -> list[Reading]:
     """One Reading per (prompt, answer), in order. A pair asked twice is read once, and pairs are batched
-    by length (less padding); the LM head runs only at the answer positions."""
+    by length (less padding)."""
     distinct = list(dict.fromkeys(pairs))
     order = sorted(range(len(distinct)), key=lambda i: len(join(*distinct[i])))
     found: dict[tuple[str, str], Reading] = {}
     for start in range(0, len(order), chunk):
         asked = [distinct[i] for i in order[start : start + chunk]]
-        batch = pair_batch(lm.tokenizer, asked).to(lm.device)
-        logits = target_logits(lm.model, batch).float()  # (N, V)
-        pred = logits.argmax(-1)  # (N,)
-        nll = -logits.log_softmax(-1).gather(-1, batch.labels[:, None])[:, 0]  # (N,)
-        for j, pair in enumerate(asked):
-            sel = batch.seq_of_token == j
-            found[pair] = Reading(pred[sel].tolist(), batch.labels[sel].tolist(), float(nll[sel].mean()))
+        found.update(zip(asked, read_batch(lm, pair_batch(lm.tokenizer, asked))))
     return [found[p] for p in pairs]
+
+
+@torch.no_grad()
+def read_batch(lm: LoadedModel, batch: PairBatch) -> list[Reading]:
+    """One Reading per row of a batch that `pair_batch` made, in its rows' order; the LM head runs only at
+    the answer positions."""
+    batch = batch.to(lm.device)
+    logits = target_logits(lm.model, batch).float()  # (N, V)
+    pred = logits.argmax(-1)  # (N,)
+    nll = -logits.log_softmax(-1).gather(-1, batch.labels[:, None])[:, 0]  # (N,)
+    rows = [batch.seq_of_token == j for j in range(batch.input_ids.shape[0])]
+    return [Reading(pred[sel].tolist(), batch.labels[sel].tolist(), float(nll[sel].mean())) for sel in rows]
 
 
 def predictions(lm: LoadedModel, pairs: list[tuple[str, str]], chunk: int = 32) -> list[tuple[list, list]]:

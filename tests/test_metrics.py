@@ -4,7 +4,7 @@ from editing import metrics
 from editing.delta import apply_delta, revert
 from editing.evaluate import CaseResult, summarize
 from editing.facts import Fact
-from editing.tokens import encode_pair
+from editing.tokens import encode_pair, pair_batch
 from editing.train import edit
 from tests.tiny import tiny_llama
 
@@ -104,6 +104,10 @@ def test_read_batches_distinct_pairs_once_and_matches_each_pair_read_alone():
     answer_tokens = [len(encode_pair(lm.tokenizer, p, a)[1]) for p, a in dict.fromkeys(pairs)]
     assert len(calls) == 2 + len(pairs) and sum(calls[:2]) == sum(answer_tokens)
     assert together[0] == together[2]
+    # a batch read as made: one Reading per row, in its rows' order (what a hook that knows the rows needs)
+    as_made = metrics.read_batch(lm, pair_batch(lm.tokenizer, pairs))
+    assert len(as_made) == len(pairs)
+    assert [(r.predicted, r.labels) for r in as_made] == [(r.predicted, r.labels) for r in together]
     for t, a in zip(together, alone):
         assert (t.predicted, t.labels) == (a.predicted, a.labels)  # padding and batch-mates change nothing
         assert abs(t.nll - a.nll) < 1e-5
