@@ -270,13 +270,17 @@ def kept_in_place(protected: ProtectedKeys | None, c0: dict[str, torch.Tensor], 
 
 
 def solve_update(closed_form: str, keys: torch.Tensor, residuals: torch.Tensor, c0: torch.Tensor,
-                 hp: EditHparams, kept: torch.Tensor | None = None) -> LoraFactors:
+                 hp: EditHparams, kept: torch.Tensor | None = None, weights: torch.Tensor | None = None
+                 ) -> LoraFactors:
     """The closed form for one layer. keys (F, in), residuals (F, out) → factors of ΔW (out, in).
-    `kept`: alphaedit's Gram of the keys to keep in place (`kept_in_place`)."""
+    `kept`: alphaedit's Gram of the keys to keep in place (`kept_in_place`). `weights` (F,): each key's
+    weight in the fit, ‖ΔW kᵢ − rᵢ‖² counted wᵢ² times (None: all 1)."""
+    w2 = None if weights is None else (weights.double() ** 2)  # (F,)
     if closed_form == "memit":
         K = keys.T.double()  # (in, F)
-        A = hp.mom2_weight * c0.double() + K @ K.T  # (in, in), symmetric
-        solved = torch.linalg.solve(A, K)  # (in, F) = A⁻¹ K, so ΔW = R (A⁻¹K)ᵀ
+        KW = K if w2 is None else K * w2  # (in, F)
+        A = hp.mom2_weight * c0.double() + KW @ K.T  # (in, in), symmetric
+        solved = torch.linalg.solve(A, KW)  # (in, F) = A⁻¹ K W², so ΔW = R (A⁻¹KW²)ᵀ
     elif closed_form == "alphaedit":
         # M x = P K with M = P C + α I, C = K₁K₁ᵀ + K_pK_pᵀ and P = U Uᵀ. Its solution lies in P's range:
         # x = U z with (Uᵀ C U + α I) z = Uᵀ K, an r × r positive definite system. Uᵀ C U = G Gᵀ with
@@ -285,7 +289,12 @@ def solve_update(closed_form: str, keys: torch.Tensor, residuals: torch.Tensor, 
         U = _basis(c0, hp.nullspace_threshold)  # (in, r) float64, on C₀'s device (the model's)
         keys = keys.to(U.device)
         G = U.T @ keys.T.double()  # (r, F)
-        gram = G @ G.T  # (r, r)
+        if w2 is not None:
+            G_w = G * w2.to(G.device)  # (r, F)
+            gram = G_w @ G.T  # (r, r) = G W² Gᵀ
+            G = G_w
+        else:
+            gram = G @ G.T  # (r, r)
         if kept is not None:
             gram += kept.to(gram.device)
         gram.diagonal().add_(hp.l2)
@@ -340,11 +349,15 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
                     first_keys[name], first_own[name] = read.keys, read.own_keys
                 residuals = (values.to(read.top.device) - read.top) / (len(order) - i)  # (F, H)
                 keys = read.own_keys if hp.fact_keys == "own" else read.keys
+                weights = None
                 if contexts > 1 and hp.fact_keys == "both":
                     # Without a BOS token the own prompt puts the subject at the sequence's start, where
                     # its key differs from the context average (cosine 0.4–0.9 on SmolLM2): write both.
                     keys, residuals = torch.cat([read.keys, read.own_keys]), torch.cat([residuals, residuals])
-                f = solve_update(closed_form, keys, residuals, c0[name], hp, kept.get(name))
+                    if hp.context_key_weight != 1.0:
+                        weights = torch.ones(len(keys))
+                        weights[:len(read.keys)] = hp.context_key_weight
+                f = solve_update(closed_form, keys, residuals, c0[name], hp, kept.get(name), weights)
                 f.fan_in_fan_out = is_conv1d(modules[name])
                 factors[f"{name}.weight"] = _stacked(factors.get(f"{name}.weight"), f)
                 with torch.no_grad():  # the layers above (and the next pass) see this one's update

@@ -30,6 +30,22 @@ def test_closed_form_writes_each_key_to_its_value():
         assert torch.allclose(written, residuals, atol=1e-3), form
 
 
+
+def test_key_weights_decide_where_two_conflicting_keys_meet():
+    """Two facts asking one key for different values: the fit lands at their weighted mean, w² each."""
+    torch.manual_seed(0)
+    key = torch.randn(1, 64)
+    keys, residuals = torch.cat([key, key]), torch.randn(2, 32)  # (F, in), (F, out): the same key twice
+    u = torch.linalg.qr(torch.randn(64, 64)).Q
+    half = u @ torch.diag(torch.cat([torch.ones(32), torch.zeros(32)])) @ u.T  # alphaedit writes in the rest
+    for form, hp, c0 in [("memit", {"mom2_weight": 1e-6}, torch.eye(64)), ("alphaedit", {"l2": 1e-6}, half)]:
+        for w in (1.0, 0.5, 3.0):
+            weights = torch.tensor([w, 1.0])
+            f = solve_update(form, keys, residuals, c0, resolve_hparams(form, hp), weights=weights)
+            written = key @ f.dense().T  # (1, out)
+            expected = (w**2 * residuals[0] + residuals[1]) / (w**2 + 1)
+            assert torch.allclose(written[0], expected, atol=1e-3), (form, w)
+
 def test_generic_weight_holds_the_generic_energy_left_in_the_null_space():
     """C₀'s null space drops only its large eigenvalues; `generic_weight` keeps the small rest still too."""
     from editing.locate import kept_in_place
