@@ -289,16 +289,12 @@ def solve_update(closed_form: str, keys: torch.Tensor, residuals: torch.Tensor, 
         U = _basis(c0, hp.nullspace_threshold)  # (in, r) float64, on C₀'s device (the model's)
         keys = keys.to(U.device)
         G = U.T @ keys.T.double()  # (r, F)
-        if w2 is not None:
-            G_w = G * w2.to(G.device)  # (r, F)
-            gram = G_w @ G.T  # (r, r) = G W² Gᵀ
-            G = G_w
-        else:
-            gram = G @ G.T  # (r, r)
+        GW = G if w2 is None else G * w2.to(G.device)  # (r, F)
+        gram = GW @ G.T  # (r, r) = G W² Gᵀ
         if kept is not None:
             gram += kept.to(gram.device)
         gram.diagonal().add_(hp.l2)
-        z = torch.cholesky_solve(G, torch.linalg.cholesky(gram))  # (r, F)
+        z = torch.cholesky_solve(GW, torch.linalg.cholesky(gram))  # (r, F)
         solved = U @ z  # (in, F) = M⁻¹ P K, so ΔWᵀ = M⁻¹ P K Rᵀ
     else:
         raise ValueError(f"unknown closed form {closed_form!r}")
@@ -354,9 +350,7 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
                     # Without a BOS token the own prompt puts the subject at the sequence's start, where
                     # its key differs from the context average (cosine 0.4–0.9 on SmolLM2): write both.
                     keys, residuals = torch.cat([read.keys, read.own_keys]), torch.cat([residuals, residuals])
-                    if hp.context_key_weight != 1.0:
-                        weights = torch.ones(len(keys))
-                        weights[:len(read.keys)] = hp.context_key_weight
+                    weights = torch.cat([torch.full((n_facts,), hp.context_key_weight), torch.ones(n_facts)])
                 f = solve_update(closed_form, keys, residuals, c0[name], hp, kept.get(name), weights)
                 f.fan_in_fan_out = is_conv1d(modules[name])
                 factors[f"{name}.weight"] = _stacked(factors.get(f"{name}.weight"), f)

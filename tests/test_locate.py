@@ -30,7 +30,6 @@ def test_closed_form_writes_each_key_to_its_value():
         assert torch.allclose(written, residuals, atol=1e-3), form
 
 
-
 def test_key_weights_decide_where_two_conflicting_keys_meet():
     """Two facts asking one key for different values: the fit lands at their weighted mean, w² each."""
     torch.manual_seed(0)
@@ -45,6 +44,7 @@ def test_key_weights_decide_where_two_conflicting_keys_meet():
             written = key @ f.dense().T  # (1, out)
             expected = (w**2 * residuals[0] + residuals[1]) / (w**2 + 1)
             assert torch.allclose(written[0], expected, atol=1e-3), (form, w)
+
 
 def test_generic_weight_holds_the_generic_energy_left_in_the_null_space():
     """C₀'s null space drops only its large eigenvalues; `generic_weight` keeps the small rest still too."""
