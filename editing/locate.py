@@ -141,6 +141,34 @@ def residual_values(model: torch.nn.Module, top: int, batch: PairBatch, n_facts:
         handle.remove()
 
 
+class RowNormalizedGD(torch.optim.Optimizer):
+    """Gradient descent on δ (F, H) with each fact's step normalised: δ_f −= lr · √H · g_f / ‖g_f‖.
+
+    Adam scales each coordinate by its own gradient history, so its first steps move every coordinate
+    by about lr (a step of length lr·√H in a sign-like direction) and δ grows in directions the loss
+    barely asks for. This takes steps of the same length along the gradient itself: the fit is reached
+    with a smaller δ (counterfact-dev 0–99: ‖δ‖ 0.45 of ‖h‖ against Adam's 0.77), so the closed form
+    writes a smaller ΔW (README "The value's optimizer")."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    direction = p.grad / p.grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (F, H), unit rows
+                    p.add_(direction, alpha=-group["lr"] * p.shape[-1] ** 0.5)
+
+
+def value_optimizer(params: list[torch.Tensor], hp: EditHparams) -> torch.optim.Optimizer:
+    """The optimizer of the residual value δ (`hp.value_optimizer`)."""
+    if hp.value_optimizer == "normalized":
+        return RowNormalizedGD(params, hp.lr)
+    return torch.optim.Adam(params, lr=hp.lr)
+
+
 def _at_subject(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, H): each row's hidden state at its subject position (the mean if several are set)."""
     weights = mask.to(hidden.dtype)  # (B, L)

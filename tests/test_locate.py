@@ -10,7 +10,7 @@ from editing.facts import Fact
 from editing.hparams import DEFAULT_METHOD, FALLBACK_METHOD, choose_method, resolve_hparams
 from editing.keys import module_inputs, second_moment, text_source
 from editing.ledger import ledger_of
-from editing.locate import read_keys_and_top, solve_update
+from editing.locate import RowNormalizedGD, read_keys_and_top, solve_update
 from editing.methods import target_modules
 from editing.session import EditSession
 from editing.train import edit
@@ -44,6 +44,33 @@ def test_key_weights_decide_where_two_conflicting_keys_meet():
             written = key @ f.dense().T  # (1, out)
             expected = (w**2 * residuals[0] + residuals[1]) / (w**2 + 1)
             assert torch.allclose(written[0], expected, atol=1e-3), (form, w)
+
+
+def test_the_normalized_value_step_follows_each_facts_gradient_with_adams_first_step_length():
+    """Each row of δ moves lr·√H along its own gradient, however the rows' losses are scaled. Adam's first
+    step moves every coordinate by lr: where the loss asks for one coordinate and the gradient holds a
+    little of everything else, Adam's δ is mostly that little."""
+    torch.manual_seed(0)
+    target = torch.zeros(2, 16)
+    target[0, 3], target[1, 7] = 1.0, -2.0  # (F, H): each fact's loss asks for one coordinate
+    noise = torch.randn(2, 16) * 1e-4  # (F, H): a gradient's small share in every other direction
+    stepped = {}
+    for name, make in [("normalized", lambda p: RowNormalizedGD(p, lr=0.05)),
+                       ("adam", lambda p: torch.optim.Adam(p, lr=0.05))]:
+        delta = torch.zeros(2, 16, requires_grad=True)
+        make([delta]).zero_grad()
+        ((delta - target) ** 2 * torch.tensor([[1.0], [0.01]])).sum().backward()  # rows scaled 100× apart
+        delta.grad += noise
+        gradient = delta.grad.clone()
+        make([delta]).step()
+        stepped[name] = delta.detach()
+    expected = -gradient / gradient.norm(dim=-1, keepdim=True) * 0.05 * 16**0.5  # (F, H)
+    assert torch.allclose(stepped["normalized"], expected)
+    assert torch.allclose(stepped["adam"].abs(), torch.full((2, 16), 0.05), rtol=1e-3)  # every coordinate by lr
+    asked = torch.zeros(2, 16, dtype=torch.bool)
+    asked[0, 3] = asked[1, 7] = True
+    off = {name: float(d[~asked].norm() / d.norm()) for name, d in stepped.items()}  # share outside the asked
+    assert off["normalized"] < 0.01 and off["adam"] > 0.9, off
 
 
 def test_generic_weight_holds_the_generic_energy_left_in_the_null_space():
