@@ -162,13 +162,6 @@ class RowNormalizedGD(torch.optim.Optimizer):
                     p.add_(direction, alpha=-group["lr"] * p.shape[-1] ** 0.5)
 
 
-def value_optimizer(params: list[torch.Tensor], hp: EditHparams) -> torch.optim.Optimizer:
-    """The optimizer of the residual value δ (`hp.value_optimizer`)."""
-    if hp.value_optimizer == "normalized":
-        return RowNormalizedGD(params, hp.lr)
-    return torch.optim.Adam(params, lr=hp.lr)
-
-
 def _at_subject(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, H): each row's hidden state at its subject position (the mean if several are set)."""
     weights = mask.to(hidden.dtype)  # (B, L)

@@ -24,7 +24,7 @@ from editing.frozen_layers import skip_frozen_layers
 from editing.frozen_positions import first_acting_position, freeze_prefix
 from editing.hparams import EditHparams, resolve_hparams
 from editing.keys import fact_keys
-from editing.locate import blocks, closed_form_delta, default_layers, residual_values, value_optimizer
+from editing.locate import RowNormalizedGD, blocks, closed_form_delta, default_layers, residual_values
 from editing.methods import first_layer, get_method, only_at, target_modules, trainable
 from editing.model import LoadedModel
 from editing.neighbours import with_own
@@ -174,7 +174,8 @@ def edit(
             if hp.positions != "all":
                 stack.enter_context(only_at(trained.edited, trained.unedited, run.subject_mask))
         inputs = None if frozen is not None else stack.enter_context(skip_frozen_layers(model, first, batch))
-        optimizer = value_optimizer(params, hp) if m.closed_form else torch.optim.Adam(params, lr=hp.lr)
+        normalized = m.closed_form and hp.value_optimizer == "normalized"  # the residual value's step (README)
+        optimizer = RowNormalizedGD(params, hp.lr) if normalized else torch.optim.Adam(params, lr=hp.lr)
         for step in range(hp.steps + 1):  # the extra pass checks the stop rule after the last step
             if is_canceled is not None and is_canceled():
                 raise EditCanceled(f"edit canceled at step {step}")

@@ -58,11 +58,11 @@ def test_the_normalized_value_step_follows_each_facts_gradient_with_adams_first_
     for name, make in [("normalized", lambda p: RowNormalizedGD(p, lr=0.05)),
                        ("adam", lambda p: torch.optim.Adam(p, lr=0.05))]:
         delta = torch.zeros(2, 16, requires_grad=True)
-        make([delta]).zero_grad()
+        optimizer = make([delta])
         ((delta - target) ** 2 * torch.tensor([[1.0], [0.01]])).sum().backward()  # rows scaled 100× apart
         delta.grad += noise
         gradient = delta.grad.clone()
-        make([delta]).step()
+        optimizer.step()
         stepped[name] = delta.detach()
     expected = -gradient / gradient.norm(dim=-1, keepdim=True) * 0.05 * 16**0.5  # (F, H)
     assert torch.allclose(stepped["normalized"], expected)
