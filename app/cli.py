@@ -269,6 +269,8 @@ def evaluate_cmd(
     consolidate_every: int = typer.Option(0, "--consolidate-every", min=0, help="--sequential: consolidate the "
                                           "branch whenever this many edits stack on its last rebase, as a worker "
                                           "with LMEDIT_AUTO_CONSOLIDATE_AFTER does (0: never)"),
+    rebase_hparams: str | None = typer.Option(None, "--rebase-hparams", help="--consolidate-every: JSON object of "
+                                              "the consolidates' hyperparameters (over the rebase defaults)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Single-edit protocol: edit each record on the unedited weights, measure, average.
@@ -285,12 +287,15 @@ def evaluate_cmd(
 
     from editing.evaluate import evaluate_case, summarize
     from editing.facts import read_cases
-    from editing.hparams import resolve_hparams
+    from editing.hparams import resolve_hparams, resolve_rebase_hparams
 
     requested, method = method, method or DEFAULT_METHOD
+    if rebase_hparams and not consolidate_every:
+        fail("--rebase-hparams needs --consolidate-every (the consolidates it sets)")
     try:
         cases = read_cases(data, fmt=fmt, offset=offset, n=n)
         resolve_hparams(method, _hparams(hparams))
+        resolve_rebase_hparams(REBASE_METHOD, _hparams(rebase_hparams))
         # per case: the default falls back for facts without a subject; a named method needs them
         methods = {c.id: choose_method(requested, [f.subject for f in c.facts])[0] for c in cases}
     except (ValueError, KeyError, OSError) as e:
@@ -299,7 +304,7 @@ def evaluate_cmd(
         fail(f"{data}: no records at offset {offset}")
     if sequential:
         return _sequential(cases, requested, objective, _hparams(hparams), every, store, branch, resume,
-                           model, threads, as_json, consolidate_every)
+                           model, threads, as_json, consolidate_every, _hparams(rebase_hparams))
     if consolidate_every:
         fail("--consolidate-every needs --sequential (a branch to consolidate)")
     config = {"method": method, "objective": objective, "hparams": _hparams(hparams),
@@ -342,7 +347,7 @@ def evaluate_cmd(
 
 def _sequential(cases, method: str | None, objective: str, hparams: dict, every: int, store: str | None, branch: str,
                 resume: bool, model: str | None, threads: int | None, as_json: bool,
-                consolidate_every: int) -> None:
+                consolidate_every: int, rebase_hparams: dict) -> None:
     """`lmedit eval --sequential`: see editing/sequential.py."""
     import tempfile
 
@@ -376,7 +381,7 @@ def _sequential(cases, method: str | None, objective: str, hparams: dict, every:
             task = progress.add_task(f"{method or DEFAULT_METHOD} + {objective}", total=len(facts), completed=done)
             for point in run_sequential(session, facts, every, method, objective, hparams, branch,
                                         on_edit=lambda i, s: progress.update(task, completed=i),
-                                        consolidate_every=consolidate_every):
+                                        consolidate_every=consolidate_every, rebase_hparams=rebase_hparams):
                 row = point.to_dict()
                 if as_json:
                     print(json.dumps(row), flush=True)

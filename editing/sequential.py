@@ -127,6 +127,7 @@ def run_sequential(
     due: Callable[[int], bool] | None = None,
     catch_up: Callable[[int], bool] | None = None,
     consolidate_every: int = 0,
+    rebase_hparams: dict | None = None,
 ) -> Iterator[Checkpoint]:
     """Edit `facts` in order on `branch`, continuing after the edits it already holds; yield a
     checkpoint every `every` edits (or where `due(edits)` says) and after the last one. `method`
@@ -134,7 +135,8 @@ def run_sequential(
     `catch_up(edits)`: on a resumed branch, which of its past checkpoints to measure first, each on
     the version that edit made (a run stopped between an edit and its measurement loses nothing).
     `consolidate_every`: as a worker with LMEDIT_AUTO_CONSOLIDATE_AFTER does, the edit that makes this
-    many versions stack on the last rebase also consolidates the branch; checkpoints measure the head."""
+    many versions stack on the last rebase also consolidates the branch (`rebase_hparams` over the rebase
+    defaults); checkpoints measure the head."""
     if every < 1:
         raise ValueError("every must be at least 1")
     due = due or (lambda edits: edits % every == 0)
@@ -163,7 +165,7 @@ def run_sequential(
         seconds.append(outcome.seconds)
         head = outcome.version
         if consolidate_due(session.store.edits_since_rebase(head), consolidate_every):
-            head = session.rebase(branch, method=REBASE_METHOD, objective=objective).version
+            head = session.rebase(branch, method=REBASE_METHOD, objective=objective, hparams=rebase_hparams).version
         if on_edit is not None:
             on_edit(i + 1, time.perf_counter() - started)
         if due(i + 1) or i + 1 == len(facts):
