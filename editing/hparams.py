@@ -132,7 +132,9 @@ class EditHparams(BaseModel):
         "'normalized' moves each fact's δ by lr·√H along its own gradient (Adam's first step length, no "
         "per-coordinate scaling): the same fit with about 0.6 of Adam's δ in half the steps (editing/locate.py "
         "`RowNormalizedGD`). An option: with τ 0.99 and 3 passes, 1,000 facts solved together beat a rebase's "
-        "defaults on every axis, but stacked on a branch such values cost locality (README \"The value's optimizer\").",
+        "defaults on every axis, and a branch consolidated every 50 edits gains generalization (+0.10 on "
+        "held-out records) at the default's locality; stacked on a branch such values cost locality, which is "
+        "why the default branch keeps Adam (README \"The value's optimizer\").",
     )
     value_decay: float = Field(
         0.0, ge=0, le=100.0, description="Locate-then-edit: MEMIT's weight decay of δ, added to the loss as this "
