@@ -16,7 +16,6 @@ from app import cli_cache, cli_export, cli_service, cli_store
 from app.settings import get_settings
 from editing.hparams import (
     DEFAULT_METHOD,
-    DEFAULT_OBJECTIVE,
     FALLBACK_METHOD,
     METHODS,
     OBJECTIVES,
@@ -34,7 +33,8 @@ console = Console(stderr=True)
 MODEL_HELP = "Model: 'smollm2' (embedded), a local HF folder or .gguf file [env LMEDIT_MODEL]"
 STORE_HELP = "Version store: a folder or fsspec URL [env LMEDIT_STORE]"
 METHOD_HELP = f"Edit method: {' | '.join(METHODS)} (default {DEFAULT_METHOD}; facts without a subject fall back)"
-OBJECTIVE_HELP = f"Training objective: {' | '.join(OBJECTIVES)}"
+OBJECTIVE_HELP = (f"Training objective: {' | '.join(OBJECTIVES)} (default: the method's; ce for memit and alphaedit, "
+                  "overtone for fine-tuning)")
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -109,14 +109,14 @@ def _cached_results(path: Path | None, config: dict) -> dict:
 
 
 RebaseMethod = Annotated[str, typer.Option(help="The locate-then-edit method that re-solves the facts")]
-RebaseObjective = Annotated[str, typer.Option(help=OBJECTIVE_HELP)]
+RebaseObjective = Annotated[str | None, typer.Option(help=OBJECTIVE_HELP)]
 RebaseHparams = Annotated[str | None, typer.Option(help="JSON object of hyperparameters")]
 RebaseStore = Annotated[str | None, typer.Option(help=STORE_HELP)]
 RebaseModel = Annotated[str | None, typer.Option(help=MODEL_HELP)]
 RebaseJson = Annotated[bool, typer.Option("--json", help="Print one JSON object")]
 
 
-def _rebase(branch: str, revert: list[str] | None, method: str, objective: str, hparams: str | None,
+def _rebase(branch: str, revert: list[str] | None, method: str, objective: str | None, hparams: str | None,
             store: str | None, model: str | None, as_json: bool) -> None:
     from editing.session import EditSession
 
@@ -138,7 +138,7 @@ def _rebase(branch: str, revert: list[str] | None, method: str, objective: str, 
 @app.command()
 def consolidate(
     branch: str = typer.Argument("main", help="Branch whose facts in effect to re-solve together"),
-    method: RebaseMethod = REBASE_METHOD, objective: RebaseObjective = DEFAULT_OBJECTIVE, hparams: RebaseHparams = None,
+    method: RebaseMethod = REBASE_METHOD, objective: RebaseObjective = None, hparams: RebaseHparams = None,
     store: RebaseStore = None, model: RebaseModel = None, as_json: RebaseJson = False,
 ) -> None:
     """One new version on top of BRANCH: base plus every live fact solved together (a rebase)."""
@@ -149,7 +149,7 @@ def consolidate(
 def revert(
     branch: str = typer.Argument(..., help="Branch to revert facts on"),
     fact_ids: list[str] = typer.Argument(..., help="Fact ids (see `lmedit facts BRANCH`)"),
-    method: RebaseMethod = REBASE_METHOD, objective: RebaseObjective = DEFAULT_OBJECTIVE, hparams: RebaseHparams = None,
+    method: RebaseMethod = REBASE_METHOD, objective: RebaseObjective = None, hparams: RebaseHparams = None,
     store: RebaseStore = None, model: RebaseModel = None, as_json: RebaseJson = False,
 ) -> None:
     """A new version in which these facts are no longer in effect and every other still is (a fact that
@@ -166,7 +166,7 @@ def edit(
     rephrase: list[str] = typer.Option([], "--rephrase", help="A rephrased prompt to measure (repeatable)"),
     locality: list[str] = typer.Option([], "--locality", help="An unrelated prompt to keep (repeatable)"),
     method: str | None = typer.Option(None, help=METHOD_HELP),
-    objective: str = typer.Option(DEFAULT_OBJECTIVE, help=OBJECTIVE_HELP),
+    objective: str | None = typer.Option(None, help=OBJECTIVE_HELP),
     hparams: str | None = typer.Option(None, help="JSON object of hyperparameters (see docs)"),
     store: str | None = typer.Option(None, help=STORE_HELP),
     branch: str = typer.Option("main", help="Branch to commit the new version to"),
@@ -178,7 +178,7 @@ def edit(
     from pydantic import ValidationError
 
     from editing.facts import Fact, Probe, read_facts
-    from editing.hparams import choose_method, resolve_hparams
+    from editing.hparams import choose_method, choose_objective, resolve_hparams
 
     try:
         if facts_file is not None:
@@ -191,6 +191,7 @@ def edit(
         method, note = choose_method(method, [f.subject for f in facts])
         if note:
             console.print(f"[yellow]note:[/yellow] {note}")
+        objective = choose_objective(method, objective)
         hp = resolve_hparams(method, _hparams(hparams))
     except (ValueError, OSError, ValidationError) as e:
         fail(str(e))
@@ -252,7 +253,7 @@ def evaluate_cmd(
     n: int | None = typer.Option(None, "--n", min=1, help="How many records"),
     offset: int = typer.Option(0, "--offset", min=0, help="First record"),
     method: str | None = typer.Option(None, help=METHOD_HELP),
-    objective: str = typer.Option(DEFAULT_OBJECTIVE, help=OBJECTIVE_HELP),
+    objective: str | None = typer.Option(None, help=OBJECTIVE_HELP),
     hparams: str | None = typer.Option(None, help="JSON object of hyperparameters"),
     fluency_tokens: int = typer.Option(0, help="Generate this many tokens per fact for fluency (0: skip)"),
     threads: int | None = typer.Option(None, help="torch threads"),
@@ -287,7 +288,7 @@ def evaluate_cmd(
 
     from editing.evaluate import evaluate_case, summarize
     from editing.facts import read_cases
-    from editing.hparams import resolve_hparams, resolve_rebase_hparams
+    from editing.hparams import choose_objective, resolve_hparams, resolve_rebase_hparams
 
     requested, method = method, method or DEFAULT_METHOD
     if rebase_hparams and not consolidate_every:
@@ -298,6 +299,7 @@ def evaluate_cmd(
         resolve_rebase_hparams(REBASE_METHOD, _hparams(rebase_hparams))
         # per case: the default falls back for facts without a subject; a named method needs them
         methods = {c.id: choose_method(requested, [f.subject for f in c.facts])[0] for c in cases}
+        objectives = {name: choose_objective(name, objective) for name in {method, *methods.values()}}
     except (ValueError, KeyError, OSError) as e:
         fail(f"{data}: {e}")
     if not cases:
@@ -307,6 +309,7 @@ def evaluate_cmd(
                            model, threads, as_json, consolidate_every, _hparams(rebase_hparams))
     if consolidate_every:
         fail("--consolidate-every needs --sequential (a branch to consolidate)")
+    objective = objectives[method]  # what the summary and --resume record
     config = {"method": method, "objective": objective, "hparams": _hparams(hparams),
               "fluency_tokens": fluency_tokens, "model": model or get_settings().model}
     if resume and not out:
@@ -318,7 +321,8 @@ def evaluate_cmd(
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"{method} + {objective}", total=len(cases), completed=len(cases) - len(todo))
         for case in todo:
-            r = evaluate_case(lm, case, methods[case.id], objective, _hparams(hparams), fluency_tokens)
+            r = evaluate_case(lm, case, methods[case.id], objectives[methods[case.id]], _hparams(hparams),
+                              fluency_tokens)
             done[case.id] = r
             if out:
                 with out.open("a") as f:  # one line per record as it finishes: an interrupted run resumes
@@ -345,12 +349,13 @@ def evaluate_cmd(
                                      summary, COUNTERFACT_SCORES))
 
 
-def _sequential(cases, method: str | None, objective: str, hparams: dict, every: int, store: str | None, branch: str,
-                resume: bool, model: str | None, threads: int | None, as_json: bool,
+def _sequential(cases, method: str | None, objective: str | None, hparams: dict, every: int, store: str | None,
+                branch: str, resume: bool, model: str | None, threads: int | None, as_json: bool,
                 consolidate_every: int, rebase_hparams: dict) -> None:
     """`lmedit eval --sequential`: see editing/sequential.py."""
     import tempfile
 
+    from editing.hparams import choose_objective
     from editing.sequential import edits_done, run_sequential
     from editing.session import EditSession
     from editing.store import VersionStore
@@ -372,13 +377,14 @@ def _sequential(cases, method: str | None, objective: str, hparams: dict, every:
             fail(f"branch {branch!r} in {store} already holds {done} edits of a sequence: pass --resume to "
                  "continue it, or another --branch")
         keys = ["edits", "retention", "generalization", "locality", "fluency", "fluency_base", "seconds_per_edit"]
-        table = Table(title=f"sequential {method or DEFAULT_METHOD} + {objective} on {branch}")
+        shown = f"{method or DEFAULT_METHOD} + {choose_objective(method or DEFAULT_METHOD, objective)}"
+        table = Table(title=f"sequential {shown} on {branch}")
         for k in keys:
             table.add_column(k, justify="right")
         from rich.progress import Progress
 
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task(f"{method or DEFAULT_METHOD} + {objective}", total=len(facts), completed=done)
+            task = progress.add_task(shown, total=len(facts), completed=done)
             for point in run_sequential(session, facts, every, method, objective, hparams, branch,
                                         on_edit=lambda i, s: progress.update(task, completed=i),
                                         consolidate_every=consolidate_every, rebase_hparams=rebase_hparams):

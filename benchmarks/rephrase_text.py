@@ -66,7 +66,7 @@ def measure_case(lm, case, method: str, objective: str, hparams: dict, tokens: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    from editing.hparams import DEFAULT_METHOD, DEFAULT_OBJECTIVE
+    from editing.hparams import DEFAULT_METHOD, choose_objective
 
     parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=sorted(SINGLE_FACT_FILES), default="counterfact")
@@ -75,11 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--tokens", type=int, default=12, help="greedy tokens read after each prompt")
     parser.add_argument("--method", default=DEFAULT_METHOD)
-    parser.add_argument("--objective", default=DEFAULT_OBJECTIVE)
+    parser.add_argument("--objective", default=None, help="default: the method's")
     parser.add_argument("--hparams", type=json.loads, default={})
     parser.add_argument("--tag", default="default", help="names the rows of a --method/--objective/--hparams run")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    args.objective = choose_objective(args.method, args.objective)
 
     from editing.evaluate import bootstrap_ci
     from editing.metrics import mean_or_none

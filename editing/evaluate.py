@@ -27,7 +27,7 @@ class CaseResult:
 
 
 def evaluate_case(
-    lm: LoadedModel, case: Case, method: str, objective: str, hparams: dict | None = None,
+    lm: LoadedModel, case: Case, method: str, objective: str | None, hparams: dict | None = None,
     fluency_tokens: int = 0,
 ) -> CaseResult:
     before = metrics.snapshot(lm, case.facts)
@@ -41,7 +41,7 @@ def evaluate_case(
 
 
 def evaluate(
-    lm: LoadedModel, cases: Iterable[Case], method: str, objective: str, hparams: dict | None = None,
+    lm: LoadedModel, cases: Iterable[Case], method: str, objective: str | None, hparams: dict | None = None,
     fluency_tokens: int = 0, on_case: Callable[[CaseResult], None] | None = None,
 ) -> list[CaseResult]:
     results = []

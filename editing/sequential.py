@@ -120,7 +120,7 @@ def run_sequential(
     facts: list[Fact],
     every: int,
     method: str | None,
-    objective: str,
+    objective: str | None,
     hparams: dict | None = None,
     branch: str = "main",
     on_edit: Callable[[int, float], None] | None = None,

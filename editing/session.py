@@ -24,7 +24,7 @@ from editing.checkout import DEFAULT_KEYFRAME_EVERY, ResidentModel
 from editing.consolidate import check_revertible, rebase, without
 from editing.delta import Delta, apply_delta
 from editing.facts import Fact
-from editing.hparams import DEFAULT_OBJECTIVE, REBASE_METHOD, EditHparams, method_spec
+from editing.hparams import REBASE_METHOD, EditHparams, choose_objective, method_spec
 from editing.ledger import ledger_of
 from editing.memory import live_keys
 from editing.model import LoadedModel
@@ -100,7 +100,7 @@ class EditSession:
         self,
         facts: list[Fact],
         method: str = "ft-m",
-        objective: str = "overtone",
+        objective: str | None = None,
         hparams: EditHparams | dict | None = None,
         branch: str = "main",
         job_id: str | None = None,
@@ -146,7 +146,7 @@ class EditSession:
         with phase(timings, "commit"):
             manifest = self.store.commit(
                 branch, result.delta, parent=parent, facts=[f.to_dict() for f in facts], method=method,
-                objective=objective, hparams=result.hparams.model_dump(), metrics={**measured, **stats},
+                objective=result.objective, hparams=result.hparams.model_dump(), metrics={**measured, **stats},
                 job_id=job_id, key_id=key_id, base_fingerprint=lm.fingerprint, metrics_deferred=defer,
                 jobs=jobs,
             )
@@ -177,7 +177,7 @@ class EditSession:
         self,
         branch: str = "main",
         method: str = REBASE_METHOD,
-        objective: str = DEFAULT_OBJECTIVE,
+        objective: str | None = None,
         hparams: dict | None = None,
         revert: list[str] | None = None,
         job_id: str | None = None,
@@ -189,6 +189,7 @@ class EditSession:
         if self.store is None:
             raise NotFoundError("consolidate and revert need a version store")
         store, lm = self.store, self.lm
+        objective = choose_objective(method, objective)  # what values the rebase has to train are trained with
         parent = store.head(branch)
         if job_id is not None and (done := store.find_job(parent, job_id)) is not None:
             return EditOutcome(done["id"], done["parent"], done["metrics"], 0.0, 0, Delta(), done)

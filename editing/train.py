@@ -22,7 +22,7 @@ from editing.essence import essence_pairs, essence_term
 from editing.facts import Fact
 from editing.frozen_layers import skip_frozen_layers
 from editing.frozen_positions import first_acting_position, freeze_prefix
-from editing.hparams import EditHparams, resolve_hparams
+from editing.hparams import EditHparams, choose_objective, resolve_hparams
 from editing.keys import fact_keys
 from editing.locate import RowNormalizedGD, blocks, closed_form_delta, default_layers, residual_values
 from editing.methods import first_layer, get_method, only_at, target_modules, trainable
@@ -102,7 +102,7 @@ def edit(
     lm: LoadedModel,
     facts: list[Fact],
     method: str = "ft-m",
-    objective: str = "overtone",
+    objective: str | None = None,
     hparams: EditHparams | dict | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     is_canceled: Callable[[], bool] | None = None,
@@ -115,6 +115,7 @@ def edit(
     if not facts:
         raise ValueError("an edit needs at least one fact")
     m = get_method(method)
+    objective = choose_objective(method, objective)  # None: the method's own
     hp = hparams if isinstance(hparams, EditHparams) else resolve_hparams(method, hparams)
     model, tok = lm.model, lm.tokenizer
     device = lm.device
@@ -194,7 +195,7 @@ def edit(
                 on_step(StepInfo(step, hp.steps, value, result.trace[-1], make_delta, values))
             if step == hp.steps:
                 break
-            if hp.stop != "none" and should_stop(hp.stop, objective, value, stats, hp):
+            if hp.stop != "none" and step >= hp.min_steps and should_stop(hp.stop, objective, value, stats, hp):
                 result.stopped_early = True
                 break
             optimizer.zero_grad(set_to_none=True)

@@ -53,6 +53,8 @@ class Stack:
             "LMEDIT_DEVICE": "cpu", "LMEDIT_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "LMEDIT_WORKER_TTL_S": "6", "LMEDIT_WORKER_HEARTBEAT_S": "1", "LMEDIT_MAINTENANCE_INTERVAL_S": "2",
             "LMEDIT_KEYS_FILE": str(root / "keys.json"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            # a stack's tests share its branches: none of them rebases under another (the test of it sets its own)
+            "LMEDIT_AUTO_CONSOLIDATE_AFTER": "0",
             "PYTHONPATH": str(ROOT),
         } | (env or {})
         self.valkey = start_valkey(self.redis_port, root / "redis", root / "valkey.log")

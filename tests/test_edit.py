@@ -110,6 +110,9 @@ def test_stop_rules():
     # A tiny random model's final norm caps p(token) near 0.26: stop at a lower τ.
     clipped = edit(lm, [FACT], "ft-m", "overtone", {**FAST, "stop": "auto", "steps": 200, "tau": 0.2})
     assert clipped.stopped_early and min(clipped.trace[-1]) >= 0.2
+    # min_steps: the rule that ended `top1` is read only from then on, so the edit trains past its fit.
+    later = edit(lm, [FACT], "ft-m", "ce", {**FAST, "stop": "top1", "steps": 200, "min_steps": top1.steps + 5})
+    assert later.stopped_early and later.steps == top1.steps + 5
 
 
 @pytest.mark.parametrize("method", ["ft-m", "lora"])

@@ -357,4 +357,5 @@ def test_without_a_subject_the_default_method_falls_back_and_says_so(stack, clie
     state = poll_edit(client, r.json()["job_id"], stack=stack)
     assert state["status"] == "succeeded", state
     assert state["method"] == FALLBACK_METHOD != DEFAULT_METHOD
+    assert state["objective"] == "overtone"  # the fallback's own objective, not the default method's
     assert "without a subject" in state["note"]

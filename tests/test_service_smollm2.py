@@ -45,6 +45,7 @@ def test_smollm2_edit_generate_rollback_over_http(stack):
         assert r.status_code == 202, r.text
         state = poll_edit(client, r.json()["job_id"], timeout=600, stack=stack)
         assert state["status"] == "succeeded", state
+        assert (state["method"], state["objective"]) == ("alphaedit", "ce")
         version = state["version"]
         assert state["metrics"]["reliability"] == 1.0
 

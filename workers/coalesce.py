@@ -31,7 +31,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from editing.hparams import DEFAULT_OBJECTIVE, choose_method, method_spec
+from editing.hparams import choose_method, choose_objective, method_spec
 from editing.ledger import identity
 from editing.store import VersionStore
 from workers import protocol
@@ -64,7 +64,8 @@ def settings_key(request: dict) -> tuple | None:
     except ValueError:
         return None
     hparams = json.dumps(request.get("hparams") or {}, sort_keys=True)
-    return (request["branch"], method, request.get("objective") or DEFAULT_OBJECTIVE, hparams, request.get("key_id"))
+    objective = choose_objective(method, request.get("objective"))
+    return (request["branch"], method, objective, hparams, request.get("key_id"))
 
 
 def form_group(conn: redis.Redis, leader_id: str, request: dict, settings: WorkerSettings,

@@ -19,7 +19,7 @@ from rq.serializers import JSONSerializer
 
 from editing.consolidate import consolidate_due
 from editing.facts import Fact
-from editing.hparams import DEFAULT_OBJECTIVE, REBASE_METHOD, choose_method
+from editing.hparams import REBASE_METHOD, choose_method, choose_objective
 from editing.session import phase
 from editing.store import ConflictError, NotFoundError, StoreError, job_metrics
 from editing.train import EditCanceled, EditError, StepInfo
@@ -164,7 +164,8 @@ def apply_edit(request: dict) -> dict | Retry:
     return finish({"status": "succeeded", "version": outcome.version, "parent": outcome.parent,
                    "metrics": job_metrics(made, job.id), **({"batch": group} if group else {}),
                    "metrics_pending": True, "steps": outcome.steps, "seconds": round(outcome.seconds, 4),
-                   "method": method, "timings": timings, **({"note": note} if note else {}),
+                   "method": method, "objective": choose_objective(method, request.get("objective")),
+                   "timings": timings, **({"note": note} if note else {}),
                    **({"consolidated": consolidated} if consolidated else {})})
 
 
@@ -199,7 +200,7 @@ def _edit_coalesced(engine, job: Job, request: dict, method: str, on_step, timin
             for retry in range(CONFLICT_RETRIES):
                 try:
                     outcome = engine.session.edit(
-                        facts, method=method, objective=request.get("objective") or DEFAULT_OBJECTIVE,
+                        facts, method=method, objective=request.get("objective"),
                         hparams=request.get("hparams") or None, branch=branch, job_id=job.id,
                         key_id=request.get("key_id"), on_step=on_step,
                         is_canceled=lambda keys=cancel_keys: bool(conn.exists(*keys)),
@@ -265,7 +266,7 @@ def _consolidate_when_due(engine, job: Job, request: dict, timings: dict) -> dic
         log.info("edit %s: %d versions stack on %s's last rebase: consolidating", job.id, stacked, branch)
         with phase(timings, "consolidate"):
             # job_id None: this job's id names its edit version (a retry finds that one and stops there)
-            outcome = engine.session.rebase(branch, method=REBASE_METHOD, objective=DEFAULT_OBJECTIVE,
+            outcome = engine.session.rebase(branch, method=REBASE_METHOD,
                                             key_id=request.get("key_id"), on_progress=_progress_of(job))
     except Exception as e:  # noqa: BLE001 - a landed edit must not turn into a failed job
         log.warning("edit %s: consolidating %s failed: %s", job.id, branch, e, exc_info=True)
@@ -279,7 +280,7 @@ def _rebase(engine, job, request: dict) -> dict:
     try:
         outcome = engine.session.rebase(
             request["branch"], method=request.get("method") or REBASE_METHOD,
-            objective=request.get("objective") or DEFAULT_OBJECTIVE, hparams=request.get("hparams") or None,
+            objective=request.get("objective"), hparams=request.get("hparams") or None,
             revert=request.get("revert") or None, job_id=job.id, key_id=request.get("key_id"),
             on_progress=_progress_of(job),
         )

@@ -21,8 +21,9 @@ class WorkerSettings(BaseSettings):
     device: str | None = None  # "cuda", "cpu"; default: CUDA when present
     threads: int | None = None  # torch intra-op threads (default: every core but one)
     keyframe_every: int = 20  # a stored sum every this many versions of a chain: flat cold checkouts (0: none)
-    # the edit that makes this many edits stack on the branch's last rebase also consolidates it (0: never)
-    auto_consolidate_after: int = 0
+    # the edit that makes this many edits stack on the branch's last rebase also consolidates it (0: never;
+    # app/settings.py says why 50)
+    auto_consolidate_after: int = 50
 
     # --- queue ---
     redis_url: str = "redis://127.0.0.1:6399/0"

@@ -14,7 +14,7 @@ from app.deps import EditKey, ServicesDep, StoreDep
 from app.errors import NotFound
 from app.schemas.edits import EditAccepted, Objective
 from app.schemas.versions import BranchName
-from editing.hparams import DEFAULT_OBJECTIVE, METHOD_SPECS, REBASE_METHOD
+from editing.hparams import METHOD_SPECS, REBASE_METHOD
 from editing.ledger import ledger_of
 
 router = APIRouter(prefix="/branches", tags=["facts"])
@@ -27,7 +27,8 @@ class ConsolidateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str = Field(REBASE_METHOD, description=f"The locate-then-edit method that re-solves the facts: "
                         f"{' | '.join(LOCATE_METHODS)}.", pattern="^(" + "|".join(LOCATE_METHODS) + ")$")
-    objective: Objective = DEFAULT_OBJECTIVE
+    objective: Objective | None = Field(None, description="What the values a rebase must train (facts that another "
+                                        "method wrote) are trained with; default the method's.")
     hparams: dict[str, Any] | None = None
 
 

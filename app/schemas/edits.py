@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from editing.hparams import DEFAULT_METHOD, DEFAULT_OBJECTIVE, METHODS, OBJECTIVES, choose_method
+from editing.hparams import DEFAULT_METHOD, METHODS, OBJECTIVES, choose_method
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
 Objective = Literal[OBJECTIVES]  # type: ignore[valid-type]
@@ -60,7 +60,8 @@ class EditRequest(BaseModel):
     branch: str = Field("main", description="The branch the new version goes to.")
     method: Method | None = Field(None, description=f"Edit method; default {DEFAULT_METHOD} (facts without a "
                                   "subject fall back to fine-tuning, and the job's result says so).")
-    objective: Objective = DEFAULT_OBJECTIVE
+    objective: Objective | None = Field(None, description="Training objective; default the method's (ce for memit "
+                                        "and alphaedit, whose value it trains; overtone for the fine-tuning methods).")
     hparams: dict[str, Any] | None = Field(None, description="Overrides of the method's hyperparameters "
                                            "(documented ranges; 422 outside them).")
     coalesce: StrictBool = Field(True, description="Whether a worker may apply this edit together with the queued "
@@ -124,6 +125,8 @@ class EditState(BaseModel):
     metrics_pending: bool | None = Field(None, description="The version is live (generate from it); its metrics "
                                          "are being measured after it: poll again to see them in `metrics`.")
     method: str | None = Field(None, description="The method the edit ran with (the default may have fallen back).")
+    objective: str | None = Field(None, description="The objective it trained with (the request's, else the method's "
+                                  "default).")
     note: str | None = Field(None, description="Why the method differs from the one asked for (or the default).")
     steps: int | None = Field(None, description="Optimisation steps the edit took.")
     seconds: float | None = Field(None, description="The edit alone: training and forming the delta.")
