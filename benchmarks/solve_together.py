@@ -292,7 +292,8 @@ def report(results: Path) -> str:
              "s (threads; the fastest run) | positions: first / middle / last |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, r in sorted(rows.items()):
-        n, offset, method, _, hp, trained_with, texts = key
+        n, offset, method, objective, hp, trained_with, texts = key
+        method = method if objective == "overtone" else f"{method} ({objective} values)"
         if r.get("values"):
             hp = f"{hp}, values trained with {trained_with}"
         if texts == "per fact":
@@ -309,7 +310,8 @@ def report(results: Path) -> str:
                   "than the other, `editing/metrics.py` `counterfact_scores_per_fact`), the base model's in brackets:",
                   "", "| n (records) | method | hparams | efficacy | paraphrase | neighbourhood |",
                   "|---|---|---|---|---|---|"]
-        for (n, offset, method, _, hp, trained_with, _texts), r in scored:
+        for (n, offset, method, objective, hp, trained_with, _texts), r in scored:
+            method = method if objective == "overtone" else f"{method} ({objective} values)"
             cf, base = r["counterfact_scores"], r["base_counterfact_scores"]
             trained = f", values trained with {trained_with}" if r.get("values") else ""
             cells = " | ".join(f"{cf[k]:.3f} ({base[k]:.3f})" for k in
