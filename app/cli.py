@@ -21,6 +21,7 @@ from editing.hparams import (
     OBJECTIVES,
     REBASE_METHOD,
     choose_method,
+    choose_objective,
 )
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="lmedit: versioned knowledge edits.")
@@ -178,7 +179,7 @@ def edit(
     from pydantic import ValidationError
 
     from editing.facts import Fact, Probe, read_facts
-    from editing.hparams import choose_method, choose_objective, resolve_hparams
+    from editing.hparams import choose_method, resolve_hparams
 
     try:
         if facts_file is not None:
@@ -288,7 +289,7 @@ def evaluate_cmd(
 
     from editing.evaluate import evaluate_case, summarize
     from editing.facts import read_cases
-    from editing.hparams import choose_objective, resolve_hparams, resolve_rebase_hparams
+    from editing.hparams import resolve_hparams, resolve_rebase_hparams
 
     requested, method = method, method or DEFAULT_METHOD
     if rebase_hparams and not consolidate_every:
@@ -299,7 +300,7 @@ def evaluate_cmd(
         resolve_rebase_hparams(REBASE_METHOD, _hparams(rebase_hparams))
         # per case: the default falls back for facts without a subject; a named method needs them
         methods = {c.id: choose_method(requested, [f.subject for f in c.facts])[0] for c in cases}
-        objectives = {name: choose_objective(name, objective) for name in {method, *methods.values()}}
+        shown_objective = choose_objective(method, objective)  # a case that fell back trains with its method's
     except (ValueError, KeyError, OSError) as e:
         fail(f"{data}: {e}")
     if not cases:
@@ -309,8 +310,7 @@ def evaluate_cmd(
                            model, threads, as_json, consolidate_every, _hparams(rebase_hparams))
     if consolidate_every:
         fail("--consolidate-every needs --sequential (a branch to consolidate)")
-    objective = objectives[method]  # what the summary and --resume record
-    config = {"method": method, "objective": objective, "hparams": _hparams(hparams),
+    config = {"method": method, "objective": shown_objective, "hparams": _hparams(hparams),
               "fluency_tokens": fluency_tokens, "model": model or get_settings().model}
     if resume and not out:
         fail("--resume needs --out (the per-record file to continue)")
@@ -319,10 +319,9 @@ def evaluate_cmd(
     lm = _load(model, threads) if todo else None
     started = time.perf_counter()
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"{method} + {objective}", total=len(cases), completed=len(cases) - len(todo))
+        task = progress.add_task(f"{method} + {shown_objective}", total=len(cases), completed=len(cases) - len(todo))
         for case in todo:
-            r = evaluate_case(lm, case, methods[case.id], objectives[methods[case.id]], _hparams(hparams),
-                              fluency_tokens)
+            r = evaluate_case(lm, case, methods[case.id], objective, _hparams(hparams), fluency_tokens)
             done[case.id] = r
             if out:
                 with out.open("a") as f:  # one line per record as it finishes: an interrupted run resumes
@@ -332,7 +331,7 @@ def evaluate_cmd(
     summary = summarize(results)
     fell_back = sum(m != method for m in methods.values())
     summary.update(method=method, **({"fell_back_to_" + FALLBACK_METHOD: fell_back} if fell_back else {}),
-                   objective=objective, offset=offset, data=str(data),
+                   objective=shown_objective, offset=offset, data=str(data),
                    hparams=config["hparams"], fluency_tokens=fluency_tokens, reused=len(cases) - len(todo),
                    wall_seconds=time.perf_counter() - started)
     if as_json:
@@ -340,7 +339,7 @@ def evaluate_cmd(
         return
     keys = ["n", "reliability", "generalization", "locality", "neighbour_flips", "portability", "fluency",
             "seconds_per_edit"]
-    console.print(_metrics_table(f"{data.name} [{offset}:{offset + len(cases)}] {method} + {objective}",
+    console.print(_metrics_table(f"{data.name} [{offset}:{offset + len(cases)}] {method} + {shown_objective}",
                                  summary, keys))
     from editing.metrics import COUNTERFACT_SCORES
 
@@ -355,7 +354,6 @@ def _sequential(cases, method: str | None, objective: str | None, hparams: dict,
     """`lmedit eval --sequential`: see editing/sequential.py."""
     import tempfile
 
-    from editing.hparams import choose_objective
     from editing.sequential import edits_done, run_sequential
     from editing.session import EditSession
     from editing.store import VersionStore
