@@ -20,6 +20,10 @@ from tests.service import ROOT, tiny_stack
 
 pytest.importorskip("schemathesis")
 
+# DELETE /edits/{job_id} cancels an edit; it does not remove it: the job stays readable as "canceled" (a
+# finished edit answers 409). The stateful "deleted resource still available" check (use_after_free) assumes
+# DELETE removes the resource, and this is the API's only DELETE. It is excluded on the command line: `--checks
+# all` enables every check, overriding an `enabled = false` in the config file (what let stop 39's CI fail).
 EXAMPLES = 10  # per operation and phase (--max-examples); the coverage phase adds its own cases
 LIMITS = {"LMEDIT_MAX_NEW_TOKENS": "16", "LMEDIT_MAX_QUEUE_DEPTH": "8", "LMEDIT_GENERATE_TIMEOUT_S": "10"}
 CONFIG = Path(__file__).with_name("schemathesis.toml")
@@ -34,6 +38,7 @@ def stack(tmp_path_factory):
 def test_live_api_passes_every_schemathesis_check(stack, tmp_path):
     command = [sys.executable, "-c", "from schemathesis.cli import schemathesis; schemathesis()",
                "--config-file", str(CONFIG), "--no-color", "run", stack.url + "/openapi.json", "--checks", "all",
+               "--exclude-checks", "use_after_free",
                "--max-examples", str(EXAMPLES), "--seed", "1", "--request-timeout", "30",
                "--report", "junit", "--report-dir", str(tmp_path)]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
