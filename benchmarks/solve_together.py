@@ -21,7 +21,7 @@ and the prompt's last; the prompt's last and the answer's), which says where loc
 Values are trained 8 records at a time until all 8 fit (at most the method's `steps`), so they
 are somewhat stronger than a single edit's; compare rows made from the same values. `--values`
 names hparams the values are trained with (a file of their own; rows record them). The hparams are an
-edit's (one pass of the closed form); a consolidate adds `REBASE_DEFAULTS` (`passes` 2). Rows go to
+edit's (one pass of the closed form); a consolidate adds `REBASE_DEFAULTS` (up to 3 `passes`). Rows go to
 results/solve_together.jsonl; values to results/cache/solve_together/.
 """
 
@@ -284,7 +284,7 @@ def report(results: Path) -> str:
              "counterfact-dev 0…n−1 (the tuning range; records no tuning saw where the n column names them) "
              "solved in one closed form, as a consolidate does "
              "(`benchmarks/solve_together.py`), from values optimised 8 records at a time and cached; one pass of the "
-             "closed form unless the hparams name `passes` (a consolidate runs 2: `REBASE_DEFAULTS`). Positions: "
+             "closed form unless the hparams name `passes` (a consolidate runs up to 3: `REBASE_DEFAULTS`). Positions: "
              "locality / retention with ΔW acting only at the probes' first token, between it and the prompt's "
              "last, or at the prompt's last token and the answer's. \"per fact\": rows measured before facts of "
              "one template shared their neighbour prompts (each fact's read, duplicates and all).", "",

@@ -27,6 +27,7 @@ later alphaedit edits can protect the keys without recomputing anything.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from editing.methods import _BLOCK, is_conv1d, target_modules
 from editing.model import LoadedModel
 from editing.protected import ProtectedKeys
 from editing.tokens import PairBatch
+
+log = logging.getLogger(__name__)
 
 
 def blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -350,7 +353,7 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
     first_keys: dict[str, torch.Tensor] = {}
     first_own: dict[str, torch.Tensor] = {}
     try:
-        inputs, start, bottom = None, 0, None
+        inputs, start, bottom, missing, written_enough = None, 0, None, None, False
         contexts = len(batch.input_ids) // n_facts
         for sweep in range(hp.passes):
             if bottom is not None:  # a later pass starts again at the lowest edited block
@@ -360,6 +363,14 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
                 read = read_keys_and_top(model, modules[name], top, batch, n_facts, start=start, inputs=inputs,
                                          capture=block_of(name))
                 inputs, start = read.inputs, block_of(name)
+                if i == 0:  # how much of each fact's value is still unwritten (F,)
+                    gap = (values.to(read.top.device) - read.top).norm(dim=-1)
+                    missing = gap if missing is None else missing
+                    left = (gap / missing.clamp_min(1e-12)).mean().item()
+                    log.info("closed form, pass %d: %.3f of the values' residual left", sweep + 1, left)
+                    written_enough = sweep > 0 and left < hp.passes_until
+                    if written_enough:
+                        break
                 if bottom is None and hp.passes > 1:  # kept only for a later pass (it is large: every row's input)
                     bottom = read.inputs
                 if sweep == 0:
@@ -380,6 +391,10 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
                     w.copy_((w.float() + f.dense().to(w.device)).to(w.dtype))
                 if on_layer is not None:
                     on_layer(sweep * len(order) + i + 1, hp.passes * len(order))
+            if written_enough:  # no later pass: the progress is complete
+                if on_layer is not None:
+                    on_layer(hp.passes * len(order), hp.passes * len(order))
+                break
     finally:
         for n, w in originals.items():
             modules[n].weight.data = w

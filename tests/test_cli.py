@@ -154,13 +154,13 @@ def test_eval_sequential_consolidates_every_n_edits(model_dir, tmp_path):
     code, out = run("eval", "--data", data, "--model", model_dir, "--method", "memit", "--sequential", "--every", "2",
                     "--consolidate-every", "2", "--store", store, "--json",
                     "--hparams", json.dumps({"context_prefixes": 1, "steps": 3}),
-                    "--rebase-hparams", json.dumps({"passes": 3}))
+                    "--rebase-hparams", json.dumps({"passes": 4}))
     assert code == 0, out
     assert [json.loads(line)["edits"] for line in out.splitlines()] == [2, 3]
     code, out = run("versions", "--store", store, "--json")
     rebases = [v for v in json.loads(out) if v.get("rebase")]
     assert len(rebases) == 1  # after the second edit; the third stacks on it
-    assert rebases[0]["hparams"]["passes"] == 3  # --rebase-hparams over the rebase defaults (2)
+    assert rebases[0]["hparams"]["passes"] == 4  # --rebase-hparams over the rebase defaults (3)
     assert rebases[0]["hparams"]["context_key_weight"] == 0.5  # a rebase default the option left alone
     refused = runner.invoke(app, ["eval", "--data", str(data), "--model", model_dir, "--consolidate-every", "2"])
     assert refused.exit_code == 1 and "needs --sequential" in refused.stderr

@@ -174,6 +174,14 @@ def test_later_passes_write_what_one_pass_left_missing(tmp_path, monkeypatch):
     assert missing[1] > 0.3 and missing[3] < 0.8 * missing[1], missing
     assert all(torch.equal(stored[1][n], stored[3][n]) for n in stored[1])
 
+    # passes_until: a later pass runs only while at least that share of the values' residual is left
+    for until, runs in ((missing[1] * 1.02, 1), (missing[1] * 0.98, 2)):
+        progress = []
+        delta, _ = closed_form_delta(lm, "alphaedit", hp.model_copy(update={"passes": 3, "passes_until": until}),
+                                     batch, 2, z, on_layer=lambda *a, sink=progress: sink.append(a))
+        assert max(f.A.shape[0] for f in delta.lora.values()) == 2 * runs, (until, missing)
+        assert progress[-1] == (6, 6) and len(progress) == 2 * runs + 1  # each module it ran, then complete
+
 
 def _session(tmp_path, monkeypatch) -> EditSession:
     monkeypatch.setenv("LMEDIT_CACHE_DIR", str(tmp_path / "cache"))
@@ -194,10 +202,11 @@ def test_ledger_supersede_consolidate_revert(tmp_path, monkeypatch):
     progress = []
     consolidated = s.rebase("main", method="alphaedit", hparams=FAST, on_progress=lambda *a: progress.append(a))
     manifest = consolidated.manifest
-    assert manifest["hparams"]["passes"] == 2  # a rebase's default (REBASE_DEFAULTS); an edit runs 1
+    assert manifest["hparams"]["passes"] == 3 and manifest["hparams"]["passes_until"] == 0.05  # REBASE_DEFAULTS
     layers = len(target_modules(s.lm.model, resolve_hparams("alphaedit")))
-    assert [p for p in progress if p[0] == "closed form"] == [("closed form", i, 2 * layers) for i in
-                                                             range(2 * layers + 1)]  # each module, each pass
+    done = [p[1] for p in progress if p == ("closed form", p[1], 3 * layers)]  # every report counts 3 passes
+    ran = done if done[-1] == len(done) - 1 else done[:-1]  # a pass rule that ends early jumps to complete
+    assert done[-1] == 3 * layers and ran == list(range(len(ran))) and len(ran) - 1 in (layers, 2 * layers, 3 * layers)
     assert manifest["rebase"] is True and manifest["ledger"]["op"] == "consolidate"
     assert manifest["ledger"]["kept"] == [ledger["facts"][2]["version"]]  # no subject: its delta is kept
     assert consolidated.metrics["reused_values"] == 2
