@@ -232,7 +232,7 @@ def resolve_hparams(method: str, overrides: dict | None = None) -> EditHparams:
 # against 0.919 / 0.240 / 0.674 on 0–999, 0.935 / 0.269 / 0.702 against 0.935 / 0.263 / 0.683 on 1000–1999;
 # a single edit, which has room for both, is the same to the last digit). README "Two keys per fact, weighed".
 # Since stop 40 a third pass runs where more than 5% of the values' residual is left after the second: 1,000
-# facts of 0–999 with the default values leave 0.34 after two passes, and a third gives 0.950 / 0.347 / 0.703
+# facts of 0–999 with the default values leave 0.34 after two passes, and a third gives 0.950 / 0.346 / 0.703
 # against two passes' 0.896 / 0.315 / 0.727; 200 facts leave 0.02, where a third pass bought nothing and cost
 # 0.017 locality. README "Passes while the values are unwritten".
 REBASE_DEFAULTS = {"passes": 3, "passes_until": 0.05, "nullspace_threshold": 0.03, "context_key_weight": 0.5}
