@@ -366,9 +366,10 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
                 if i == 0:  # how much of each fact's value is still unwritten (F,)
                     gap = (values.to(read.top.device) - read.top).norm(dim=-1)
                     missing = gap if missing is None else missing
+                if i == 0 and sweep > 0:
                     left = (gap / missing.clamp_min(1e-12)).mean().item()
-                    log.info("closed form, pass %d: %.3f of the values' residual left", sweep + 1, left)
-                    written_enough = sweep > 0 and left < hp.passes_until
+                    log.info("closed form, before pass %d: %.3f of the values' residual left", sweep + 1, left)
+                    written_enough = left < hp.passes_until
                     if written_enough:
                         break
                 if bottom is None and hp.passes > 1:  # kept only for a later pass (it is large: every row's input)
