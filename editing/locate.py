@@ -363,10 +363,10 @@ def closed_form_delta(lm: LoadedModel, closed_form: str, hp: EditHparams, batch:
                 read = read_keys_and_top(model, modules[name], top, batch, n_facts, start=start, inputs=inputs,
                                          capture=block_of(name))
                 inputs, start = read.inputs, block_of(name)
-                if i == 0:  # how much of each fact's value is still unwritten (F,)
+                if i == 0 and missing is None:  # each fact's residual before any pass (F,)
+                    missing = (values.to(read.top.device) - read.top).norm(dim=-1)
+                elif i == 0:  # a later pass: how much of it is still unwritten
                     gap = (values.to(read.top.device) - read.top).norm(dim=-1)
-                    missing = gap if missing is None else missing
-                if i == 0 and sweep > 0:
                     left = (gap / missing.clamp_min(1e-12)).mean().item()
                     log.info("closed form, before pass %d: %.3f of the values' residual left", sweep + 1, left)
                     written_enough = left < hp.passes_until
