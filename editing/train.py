@@ -28,6 +28,7 @@ from editing.locate import RowNormalizedGD, blocks, closed_form_delta, default_l
 from editing.methods import first_layer, get_method, only_at, target_modules, trainable
 from editing.model import LoadedModel
 from editing.neighbours import with_own
+from editing.no_repeat import no_repeat_pairs, no_repeat_term
 from editing.objectives import TokenStats, objective_loss
 from editing.precision import bfloat16_linears, resolve_precision
 from editing.prefixes import context_prefixes
@@ -133,7 +134,14 @@ def edit(
     for prefix in context_prefixes(lm, hp.context_prefixes):
         pairs += [(f"{prefix}. {f.prompt}", f.target_new) for f in facts]
     subjects = [f.subject for f in facts] * (len(pairs) // own)
-    fitted = len(pairs)  # pairs the objective fits; essence rows (ROME's "{subject} is a") come after them
+    # Pairs the objective fits come first; after them the rows of the value's regularisers: each answer
+    # followed by itself (editing/no_repeat.py), then ROME's "{subject} is a" (editing/essence.py).
+    fitted = len(pairs)
+    if hp.no_repeat_weight > 0:
+        repeated = no_repeat_pairs(facts)
+        pairs += repeated
+        subjects += [f.subject for f in facts] * (len(repeated) // own)
+    no_repeat_rows = range(fitted, len(pairs))
     if hp.essence_weight > 0 and all(f.subject for f in facts):
         pairs += essence_pairs(facts)
         subjects += [f.subject for f in facts]
@@ -145,7 +153,8 @@ def edit(
     batch = batch_of(len(pairs))
     fit = int((batch.seq_of_token < fitted).sum())  # tokens are in pair order: the first `fit` are fitted
     own_tokens = batch.seq_of_token[:fit] < own  # (fit,) tokens of the unprefixed prompts
-    essence = essence_term(batch, fitted, hp.essence_weight)
+    no_repeat = no_repeat_term(batch, no_repeat_rows, hp.no_repeat_weight)
+    essence = essence_term(batch, no_repeat_rows.stop, hp.essence_weight)
 
     started = time.perf_counter()
     result = EditResult(delta=Delta(), method=method, objective=objective, hparams=hp, steps=0,
@@ -183,6 +192,8 @@ def edit(
             logits = frozen.logits(model) if frozen is not None else target_logits(model, batch, inputs)  # (N, V)
             loss, stats = objective_loss(objective, logits[:fit], batch.labels[:fit], hp)
             value = loss.item()  # the fit alone: the stop rule and the trace read it
+            if no_repeat is not None:
+                loss = loss + no_repeat(logits)
             if essence is not None:
                 loss = loss + essence(logits)
             if penalty is not None:
@@ -214,8 +225,8 @@ def edit(
     if m.closed_form == "alphaedit" and hp.neighbour_weight > 0:  # the facts' neighbours stay put too
         live_keys = with_own(lm, hp, facts, live_keys)
     if m.closed_form:  # with the full model back: the closed form reads keys below the top block
-        # the keys: the facts' prompts and context prefixes, not the essence rows
-        solve = batch if essence is None else batch_of(fitted)
+        # the keys: the facts' prompts and context prefixes, not the regularisers' rows
+        solve = batch if fitted == len(pairs) else batch_of(fitted)
         delta, memory = closed_form_delta(lm, m.closed_form, hp, solve, own, z, live_keys)
         delta.memory = memory.to_tensors()
     bad = [n for n in delta.names() if not torch.isfinite(delta.change(n)).all()]
