@@ -153,7 +153,7 @@ def edit(
     batch = batch_of(len(pairs))
     fit = int((batch.seq_of_token < fitted).sum())  # tokens are in pair order: the first `fit` are fitted
     own_tokens = batch.seq_of_token[:fit] < own  # (fit,) tokens of the unprefixed prompts
-    no_repeat = no_repeat_term(batch, no_repeat_rows, hp.no_repeat_weight)
+    no_repeat = no_repeat_term(batch, no_repeat_rows, hp.no_repeat_weight, hp.no_repeat_floor)
     essence = essence_term(batch, no_repeat_rows.stop, hp.essence_weight)
 
     started = time.perf_counter()

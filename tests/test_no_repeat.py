@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from editing.delta import apply_delta, revert
 from editing.facts import Fact
-from editing.no_repeat import FLOOR, NoRepeat, no_repeat_pairs
+from editing.no_repeat import NoRepeat, no_repeat_pairs
 from editing.tokens import join
 from editing.train import edit
 
@@ -22,7 +22,7 @@ def test_the_term_is_the_hand_written_hinge_and_silent_where_the_answer_is_not_r
     torch.manual_seed(0)
     logits = torch.randn(6, 11, requires_grad=True)  # (N, V)
     tokens, answer = torch.tensor([1, 4]), torch.tensor([3, 7])
-    term = NoRepeat(tokens, answer, weight=2.0)
+    term = NoRepeat(tokens, answer, weight=2.0, floor=0.05)
     at_start = term(logits)
     assert at_start.item() == 0.0
     at_start.backward()
@@ -32,9 +32,9 @@ def test_the_term_is_the_hand_written_hinge_and_silent_where_the_answer_is_not_r
     moved[4, 7] -= 3.0  # row 1's falls: no loss for it
     log_p0 = F.log_softmax(logits.detach()[tokens], -1).gather(1, answer[:, None])[:, 0]
     log_p = F.log_softmax(moved[tokens], -1).gather(1, answer[:, None])[:, 0]
-    by_hand = 2.0 * torch.relu(log_p - log_p0.clamp_min(math.log(FLOOR))).mean()
+    by_hand = 2.0 * torch.relu(log_p - log_p0.clamp_min(math.log(0.05))).mean()
     assert by_hand > 0 and torch.allclose(term(moved), by_hand, atol=1e-6)
-    assert torch.relu(log_p[1] - log_p0[1].clamp_min(math.log(FLOOR))) == 0
+    assert torch.relu(log_p[1] - log_p0[1].clamp_min(math.log(0.05))) == 0
 
 
 def _after_the_answer(lm, hparams: dict) -> list[float]:
