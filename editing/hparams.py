@@ -166,9 +166,10 @@ class EditHparams(BaseModel):
         "facts without a subject get none.",
     )
     no_repeat_weight: float = Field(
-        0.0, ge=0, le=100.0, description="The no-repeat term: weight of relu(log p(y) − max(log p₀(y), log 0.05)) "
-        "for the answer's first token y right after the answer (and after 'answer,'), so that greedy text does "
-        "not say the answer again and again (editing/no_repeat.py). 0 = off; locate-then-edit methods use 1.",
+        0.0, ge=0, le=100.0, description="The no-repeat term: weight of relu(log p(y) − max(log p₀(y), log "
+        "no_repeat_floor)) for the answer's first token y right after the answer (and after 'answer,'), so that "
+        "greedy text does not say the answer again and again (editing/no_repeat.py). 0 = off; locate-then-edit "
+        "methods use 1.",
     )
     no_repeat_floor: float = Field(
         0.05, gt=0.0, lt=1.0, description="The no-repeat term: the p(y) after the answer that it always allows. "
