@@ -14,12 +14,12 @@ at the subject's last token as on the fact's own rows. The term is
     weight · mean over rows of relu(log p(y) − max(log p₀(y), log floor))
 
 with p₀ the model before the edit (step 0, when nothing has changed yet): right after itself
-the answer may grow no likelier than it was, or than `floor` (`no_repeat_floor`, 0.05; 0.2 acts on
-fewer facts, keeps all of the generalization and half of the fluency). It is zero, and gives no gradient,
-wherever the answer is not repeated, so the values of facts that do not repeat stay as they were
-(39 of 100 on counterfact-dev 0–99 came out identical). (A KL that
-keeps the whole next-token distribution there, as ROME's essence term does on "{subject} is a",
-cost 0.12 generalization: README "Repetition after the answer".)
+the answer may grow no likelier than it was, or than `floor` (`no_repeat_floor`, 0.05; 0.2 acts
+on fewer facts and buys less fluency). It is zero, and gives no gradient, wherever the answer is
+not repeated, so the values of facts that do not repeat stay as they were (39 of 100 on
+counterfact-dev 0–99 came out identical). (A KL that keeps the whole next-token distribution
+there, as ROME's essence term does on "{subject} is a", cost 0.12 generalization: README
+"Repetition after the answer".)
 """
 
 from __future__ import annotations
