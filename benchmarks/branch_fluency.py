@@ -21,10 +21,14 @@ from benchmarks.common import append_jsonl, arguments, read_jsonl  # noqa: E402
 TOKENS = 32
 
 
-def says_again(text: str, answer: str, times: int = 3) -> bool:
-    """The answer's words occur `times` times or more in `text`."""
+def answer_count(text: str, answer: str) -> int:
+    """How often the answer's words occur, in order, in `text`."""
     words, said = re.findall(r"\w+", text.lower()), re.findall(r"\w+", answer.lower())
-    return bool(said) and sum(words[i:i + len(said)] == said for i in range(len(words))) >= times
+    return sum(words[i:i + len(said)] == said for i in range(len(words))) if said else 0
+
+
+def says_again(text: str, answer: str, times: int = 3) -> bool:
+    return answer_count(text, answer) >= times
 
 
 def fluency(lm, facts: list) -> tuple[float, float]:

@@ -3,7 +3,7 @@ the answer").
 
 Each counterfact-dev record is edited on the unedited weights (as `lmedit eval`), measured (reliability,
 generalization, locality), and a 32-token greedy continuation of its prompt is scored by n-gram entropy
-beside the base model's; `reps` counts the answer's words in the continuation. One row per record, so
+beside the base model's; `reps` counts the answer in the continuation. One row per record, so
 that two settings compare paired (benchmarks/results/value-tuning/no-repeat/).
 
     python benchmarks/fluency_single.py --hparams '{"no_repeat_weight": 0}' --offset 0 --n 100 --name NAME
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.branch_fluency import TOKENS  # noqa: E402
+from benchmarks.branch_fluency import TOKENS, answer_count  # noqa: E402
 from benchmarks.common import DATA, append_jsonl, arguments, read_jsonl  # noqa: E402
 
 
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         append_jsonl(out, {"id": case.id, "rel": measured["reliability"], "gen": measured["generalization"],
                            "loc": measured["locality"], "flu": metrics.ngram_entropy(fact.prompt + " " + text),
                            "flu_base": metrics.ngram_entropy(fact.prompt + " " + base_text),
-                           "steps": result.steps, "s": seconds, "text": text, "hparams": args.hparams})
+                           "reps": answer_count(text, fact.target_new), "steps": result.steps, "s": seconds,
+                           "text": text, "hparams": args.hparams})
     rows = read_jsonl(out)
     keys = ("rel", "gen", "loc", "flu", "flu_base", "steps")
     print(json.dumps({k: sum(r[k] for r in rows) / len(rows) for k in keys}))

@@ -38,11 +38,8 @@ class EssenceKL:
         return self.weight * F.kl_div(log_p, self.reference, log_target=True, reduction="batchmean")
 
 
-def essence_term(batch: PairBatch, first_pair: int, weight: float) -> EssenceKL | None:
-    """The term at the first target position of each pair from `first_pair` on (the essence rows,
-    placed after every pair the objective fits); None where the batch has none."""
-    seq = batch.seq_of_token  # (N,) in pair order
-    first = torch.ones_like(seq, dtype=torch.bool)
-    first[1:] = seq[1:] != seq[:-1]
-    tokens = torch.nonzero(first & (seq >= first_pair)).squeeze(1)  # (F,)
+def essence_term(batch: PairBatch, pairs: range, weight: float) -> EssenceKL | None:
+    """The term at the first target position of each pair in `pairs` (the essence rows, placed after
+    every pair the objective fits); None where the batch has none."""
+    tokens = batch.first_targets(pairs)  # (F,)
     return EssenceKL(tokens, weight) if len(tokens) else None

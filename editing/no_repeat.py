@@ -60,8 +60,5 @@ class NoRepeat:
 def no_repeat_term(batch: PairBatch, pairs: range, weight: float, floor: float) -> NoRepeat | None:
     """The term at the first target position of each pair in `pairs`; None where there are none or
     the weight is 0."""
-    seq = batch.seq_of_token  # (N,) in pair order
-    first = torch.ones_like(seq, dtype=torch.bool)
-    first[1:] = seq[1:] != seq[:-1]
-    tokens = torch.nonzero(first & (seq >= pairs.start) & (seq < pairs.stop)).squeeze(1)  # (R,)
+    tokens = batch.first_targets(pairs)  # (R,)
     return NoRepeat(tokens, batch.labels[tokens], weight, floor) if len(tokens) and weight > 0 else None

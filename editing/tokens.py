@@ -54,6 +54,13 @@ class PairBatch:
     def to(self, device: torch.device) -> PairBatch:
         return PairBatch(*(t.to(device) for t in vars(self).values()))
 
+    def first_targets(self, pairs: range) -> torch.Tensor:
+        """(R,) the index into `labels` of each of these pairs' first target token (pair order)."""
+        seq = self.seq_of_token  # (N,)
+        first = torch.ones_like(seq, dtype=torch.bool)
+        first[1:] = seq[1:] != seq[:-1]
+        return torch.nonzero(first & (seq >= pairs.start) & (seq < pairs.stop)).squeeze(1)
+
 
 def subject_positions(tokenizer, prompt: str, subject: str | None, last_only: bool) -> list[int]:
     """Indices of the prompt tokens that spell `subject` (its last one if `last_only`).

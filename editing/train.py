@@ -145,6 +145,7 @@ def edit(
     if hp.essence_weight > 0 and all(f.subject for f in facts):
         pairs += essence_pairs(facts)
         subjects += [f.subject for f in facts]
+    essence_rows = range(no_repeat_rows.stop, len(pairs))
 
     def batch_of(n: int) -> PairBatch:
         return pair_batch(tok, pairs[:n], prompt_last=m.prompt_last, subjects=subjects[:n],
@@ -154,7 +155,7 @@ def edit(
     fit = int((batch.seq_of_token < fitted).sum())  # tokens are in pair order: the first `fit` are fitted
     own_tokens = batch.seq_of_token[:fit] < own  # (fit,) tokens of the unprefixed prompts
     no_repeat = no_repeat_term(batch, no_repeat_rows, hp.no_repeat_weight, hp.no_repeat_floor)
-    essence = essence_term(batch, no_repeat_rows.stop, hp.essence_weight)
+    essence = essence_term(batch, essence_rows, hp.essence_weight)
 
     started = time.perf_counter()
     result = EditResult(delta=Delta(), method=method, objective=objective, hparams=hp, steps=0,
