@@ -13,7 +13,7 @@ The store lives in results/cache/, so an interrupted run continues from the bran
 
     python benchmarks/sequential.py [--full] [--variants memit,alphaedit] [--objectives overtone,ce]
         [--dataset counterfact|zsre] [--n N] [--every K] [--consolidate] [--consolidate-every N] [--threads 1]
-    python benchmarks/sequential.py --consolidate-head --variants alphaedit [--threads 2]
+    python benchmarks/sequential.py --consolidate-head --variants alphaedit [--consolidate-every N] [--threads 2]
 """
 
 from __future__ import annotations
@@ -61,6 +61,12 @@ def has_version(store, vid: str) -> bool:
     return True
 
 
+def run_name(variant: str, objective: str, dataset: str, consolidate_every: int = 0) -> str:
+    """The run's name: its rows' file (results/sequential/NAME.jsonl) and its store's folder."""
+    return f"{variant}-{objective}" + ("" if dataset == "counterfact" else f"-{dataset}") + \
+        (f"-consolidate-every-{consolidate_every}" if consolidate_every else "")
+
+
 def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Path, consolidate: bool,
         threads: int = 1, consolidate_every: int = 0) -> None:
     from editing.model import load_model
@@ -69,8 +75,7 @@ def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Pat
     from editing.store import VersionStore
 
     method, hparams = VARIANTS[variant]
-    name = f"{variant}-{objective}" + ("" if dataset == "counterfact" else f"-{dataset}") + \
-        (f"-consolidate-every-{consolidate_every}" if consolidate_every else "")
+    name = run_name(variant, objective, dataset, consolidate_every)
     rows_path = out / "sequential" / f"{name}.jsonl"
     store_dir = out / "cache" / "sequential" / name
     rows = read_jsonl(rows_path)
@@ -114,7 +119,7 @@ def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Pat
 
 
 def consolidate_head(variant: str, objective: str, dataset: str, out: Path, threads: int,
-                     overrides: dict | None = None, method: str | None = None) -> None:
+                     overrides: dict | None = None, method: str | None = None, consolidate_every: int = 0) -> None:
     """Consolidate the branch as the run left it (on a copy of its store, so that the run can go on),
     reusing every stored value, and measure the rebase version on the facts edited so far.
     `overrides`, `method`: hparams and a closed form to consolidate with instead of the run's (a tuning
@@ -130,7 +135,7 @@ def consolidate_head(variant: str, objective: str, dataset: str, out: Path, thre
     hparams = {**hparams, **(overrides or {})}
     tuning = {**({"method": method} if method else {}), **(overrides or {})}
     method = method or run_method
-    name = f"{variant}-{objective}" + ("" if dataset == "counterfact" else f"-{dataset}")
+    name = run_name(variant, objective, dataset, consolidate_every)
     lm = load_model("smollm2", device="cpu", threads=threads)
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "store"
@@ -167,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
                         "last rebase also consolidates the branch (a run of its own: <variant>-<objective>-"
                         "consolidate-every-N)")
     parser.add_argument("--consolidate-head", action="store_true",
-                        help="edit nothing: consolidate the branch as it stands (on a copy) and measure it")
+                        help="edit nothing: consolidate the branch as it stands (on a copy) and measure it "
+                        "(with --consolidate-every N: that run's branch)")
     parser.add_argument("--threads", type=int, help="torch threads (default: 1 for edits, 2 for --consolidate-head)")
     parser.add_argument("--hparams", type=json.loads, default=None,
                         help="--consolidate-head: these hparams on top (rows go to sequential-tuning/)")
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         for variant in args.variants.split(","):
             for objective in args.objectives.split(","):
                 consolidate_head(variant, objective, args.dataset, args.out, args.threads or 2, args.hparams,
-                                 args.method)
+                                 args.method, args.consolidate_every)
         return
     n = args.n or size(args, 100, 1000)
     every = 1 if args.smoke else args.every

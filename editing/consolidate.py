@@ -37,7 +37,7 @@ from editing.model import LoadedModel
 from editing.neighbours import neighbours_of, prompt_of
 from editing.prefixes import context_prefixes
 from editing.protected import ProtectedKeys
-from editing.tokens import pair_batch
+from editing.tokens import PairBatch, pair_batch
 from editing.train import EditError, edit
 
 
@@ -158,17 +158,23 @@ def solve_together(lm: LoadedModel, facts: list[Fact], z: torch.Tensor, closed_f
     rebase); the delta keeps each fact's key and value. Nothing protects a fact from the others here
     (they are solved together), but their neighbours are kept in place (editing/neighbours.py), their
     Gram kept between consolidates of one store (`scope`)."""
-    pairs = [(f.prompt, f.target_new) for f in facts]
-    for prefix in context_prefixes(lm, hp.context_prefixes):
-        pairs += [(f"{prefix}. {f.prompt}", f.target_new) for f in facts]
-    subjects = [f.subject for f in facts] * (len(pairs) // len(facts))
-    batch = pair_batch(lm.tokenizer, pairs, subjects=subjects, subject_last=True).to(lm.device)
+    batch = key_batch(lm, facts, hp)
     near = ProtectedKeys({}, neighbours=neighbours_of(
         lm, hp.neighbour_subjects, [p for f in facts if (p := prompt_of(f))], scope=scope))
     delta, memory = closed_form_delta(lm, closed_form, hp, batch, len(facts), z.to(lm.device), near, on_layer)
     delta = compact(delta)
     delta.memory = memory.to_tensors()
     return delta
+
+
+def key_batch(lm: LoadedModel, facts: list[Fact], hp: EditHparams) -> PairBatch:
+    """The rows a closed form reads the facts' keys from: each fact's prompt and target (rows 0…F−1), then
+    the same behind each of `hp.context_prefixes` model-generated prefixes in turn."""
+    pairs = [(f.prompt, f.target_new) for f in facts]
+    for prefix in context_prefixes(lm, hp.context_prefixes):
+        pairs += [(f"{prefix}. {f.prompt}", f.target_new) for f in facts]
+    subjects = [f.subject for f in facts] * (len(pairs) // len(facts))
+    return pair_batch(lm.tokenizer, pairs, subjects=subjects, subject_last=True).to(lm.device)
 
 
 def compact(delta: Delta) -> Delta:

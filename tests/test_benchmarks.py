@@ -17,7 +17,7 @@ from benchmarks.common import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("quality", "hto", "sequential", "edit_speed", "batch", "costs", "service", "curves", "multihop_ceiling",
-           "rephrase_ceiling", "rephrase_text", "measure_speed")
+           "rephrase_ceiling", "rephrase_text", "measure_speed", "key_read")
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (DATA / "counterfact-dev.json").exists(),
                                                    reason="../shared/data is not here")]
@@ -29,7 +29,7 @@ def run_script(name: str, *args: str) -> None:
     assert done.returncode == 0, f"{name}.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
 
-# Twelve scripts load the model in turn: more than pytest's 600 s on a loaded 2-core machine.
+# Thirteen scripts load the model in turn: more than pytest's 600 s on a loaded 2-core machine.
 @pytest.mark.timeout(1500)
 def test_every_script_runs_on_two_records_and_the_report_has_every_section(tmp_path):
     for name in SCRIPTS:

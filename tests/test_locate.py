@@ -144,6 +144,31 @@ def test_reading_keys_from_a_cached_block_input_equals_a_full_run():
     assert torch.equal(part.own_keys, again.own_keys)
 
 
+def test_keys_read_from_rows_cut_after_the_subject_equal_those_of_whole_rows():
+    """A read sorts each chunk's rows by where their subject ends and stops at the last one (attention is
+    causal), and the contexts' rows stop at the module: the keys and block outputs at the subjects are those
+    of the whole prompt + target rows, in the facts' order."""
+    from editing.keys import module_inputs
+    from editing.tokens import pair_batch
+
+    lm = tiny_llama(layers=4)
+    facts = [("As everyone who has been there knows, the capital city of Japan is", "Rome on the Tiber", "Japan"),
+             ("Toko Yasuda plays the", "piano", "Toko Yasuda"),
+             ("The mother tongue of Danielle Darrieux is", "English", "Danielle Darrieux")]
+    batch = pair_batch(lm.tokenizer, [(p, t) for p, t, _ in facts] * 2, subjects=[s for *_, s in facts] * 2,
+                       subject_last=True)
+    mlp = lm.model.model.layers[1].mlp.down_proj
+    read = read_keys_and_top(lm.model, mlp, 2, batch, 3, chunk=2, capture=1)
+    assert max(x.shape[1] for x in read.inputs) < batch.input_ids.shape[1]  # the rows were cut
+    with torch.no_grad():
+        whole = module_inputs(lm.model, {"m": mlp}, batch.input_ids, batch.attention_mask, batch.subject_mask)["m"]
+        hidden = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          output_hidden_states=True).hidden_states[3]  # block 2's output (B, L, H)
+    assert torch.allclose(read.own_keys, whole[:3], atol=1e-5)
+    assert torch.allclose(read.keys, (whole[:3] + whole[3:]) / 2, atol=1e-5)
+    assert torch.allclose(read.top, hidden[:3][batch.subject_mask[:3]], atol=1e-5)
+
+
 def test_later_passes_write_what_one_pass_left_missing(tmp_path, monkeypatch):
     """Where the closed form has room for only part of each layer's share (here: a strong ridge), a second
     and third bottom-to-top pass write more of the rest; the facts' stored keys are those of the first."""
