@@ -22,6 +22,7 @@ from editing.hparams import (
     REBASE_METHOD,
     choose_method,
     choose_objective,
+    operator_hparams,
 )
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="lmedit: versioned knowledge edits.")
@@ -121,7 +122,7 @@ def _rebase(branch: str, revert: list[str] | None, method: str, objective: str |
             store: str | None, model: str | None, as_json: bool) -> None:
     from editing.session import EditSession
 
-    hp = _hparams(hparams)
+    hp = {**operator_hparams(get_settings()), **_hparams(hparams)}  # LMEDIT_C0_SOURCE, as the workers use it
     lm = _load(model)
     with console.status("re-solving the branch's facts together …"):
         try:
@@ -193,7 +194,7 @@ def edit(
         if note:
             console.print(f"[yellow]note:[/yellow] {note}")
         objective = choose_objective(method, objective)
-        hp = resolve_hparams(method, _hparams(hparams))
+        hp = resolve_hparams(method, {**operator_hparams(get_settings()), **_hparams(hparams)})
     except (ValueError, OSError, ValidationError) as e:
         fail(str(e))
     lm = _load(model)

@@ -14,14 +14,29 @@ FAST = {"context_prefixes": 1, "steps": 3}
 
 
 def test_facts_consolidate_revert_over_http(tmp_path):
-    with tiny_stack(tmp_path) as stack, httpx.Client(base_url=stack.url, timeout=60) as client:
+    # The operator's C₀ text (LMEDIT_C0_SOURCE): every edit and rebase uses it; no request may name one.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The river runs through the old town and past the market square before it meets the sea.\n" * 20)
+    env = {"LMEDIT_C0_SOURCE": str(corpus), "LMEDIT_C0_TOKENS": "300"}
+    with tiny_stack(tmp_path, env=env) as stack, httpx.Client(base_url=stack.url, timeout=60) as client:
+        japan = {"prompt": "The capital of Japan is", "target_new": "Rome", "subject": "Japan"}
+        for path in ("/edits", "/branches/main/consolidate"):
+            for hparams in ({"c0_source": "/etc/passwd"}, {**FAST, "c0_tokens": 16}, {"lr": "fast"}):
+                r = client.post(path, json={"facts": [japan], "method": "memit", "hparams": hparams}
+                                if path == "/edits" else {"method": "memit", "hparams": hparams})
+                assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
+                if "lr" not in hparams:
+                    assert "LMEDIT_C0_" in r.json()["error"]["message"], r.text
         jobs = []
         for target in ("Rome", "Paris"):
-            r = client.post("/edits", json={"facts": [{"prompt": "The capital of Japan is", "target_new": target,
-                                                       "subject": "Japan"}], "method": "memit", "hparams": FAST})
+            r = client.post("/edits", json={"facts": [{**japan, "target_new": target}], "method": "memit",
+                                            "hparams": FAST})
             assert r.status_code == 202, r.text
             jobs.append(r.json()["job_id"])
-        assert [poll_edit(client, j, stack=stack)["status"] for j in jobs] == ["succeeded", "succeeded"]
+        done = [poll_edit(client, j, stack=stack) for j in jobs]
+        assert [d["status"] for d in done] == ["succeeded", "succeeded"]
+        written = client.get(f"/versions/{done[0]['version']}").json()["hparams"]
+        assert (written["c0_source"], written["c0_tokens"]) == (str(corpus), 300)
         facts = client.get("/branches/main/facts").json()
         assert [f["target_new"] for f in facts["facts"]] == ["Paris"]
         assert [f["target_new"] for f in facts["superseded"]] == ["Rome"]
@@ -34,7 +49,8 @@ def test_facts_consolidate_revert_over_http(tmp_path):
         assert r.status_code == 202, r.text
         done = poll_edit(client, r.json()["job_id"], stack=stack)
         assert done["status"] == "succeeded", done
-        assert client.get(f"/versions/{done['version']}").json()["rebase"] is True
+        rebase = client.get(f"/versions/{done['version']}").json()
+        assert rebase["rebase"] is True and rebase["hparams"]["c0_source"] == str(corpus)
         assert client.get("/branches/main/facts").json()["facts"] == facts["facts"]
         assert client.get("/branches/main").json()["edits_since_rebase"] == 0
 

@@ -23,8 +23,9 @@ FACT = {"prompt": PROMPT, "target_new": "Rome", "subject": "Eiffel Tower"}
 # TINY_HPARAMS are ft-m's on a tiny model; the default method is a locate-then-edit one
 FT_M = {"method": "ft-m", "hparams": TINY_HPARAMS}
 JAPAN = {"prompt": "The capital of Japan is", "target_new": "Paris", "subject": "Japan"}
-# Locate-then-edit on a tiny model: a short value optimisation, C₀ from a few hundred tokens.
-CONSOLIDATE = {"method": "memit", "hparams": {"context_prefixes": 1, "steps": 3, "c0_tokens": 400}}
+# Locate-then-edit on a tiny model: a short value optimisation, C₀ from a few hundred tokens (LMEDIT_C0_TOKENS
+# in `machine`: a request may not set it).
+CONSOLIDATE = {"method": "memit", "hparams": {"context_prefixes": 1, "steps": 3}}
 
 
 @pytest.fixture
@@ -55,6 +56,7 @@ def machine(root: Path, name: str, endpoint: str, model: Path | None = None) -> 
         shutil.copy(model, home / model.name)
         own["LMEDIT_MODEL"] = str(home / model.name)
     return own | {"HOME": str(home), "LMEDIT_CACHE_DIR": str(home / "cache"), "LMEDIT_STORE": STORE_URL,
+            "LMEDIT_C0_TOKENS": "400",
             "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
             "AWS_CONFIG_FILE": str(home / "aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials")}

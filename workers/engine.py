@@ -12,6 +12,8 @@ import os
 import redis
 import torch
 
+from editing.hparams import operator_hparams
+from editing.keys import text_source
 from editing.model import load_model
 from editing.session import EditSession
 from workers.settings import WorkerSettings, get_settings
@@ -27,6 +29,9 @@ def worker_threads(settings: WorkerSettings) -> int:
 class Engine:
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
+        self.hparams = operator_hparams(settings)  # every edit's and rebase's, under the request's own
+        if settings.c0_source != "builtin":
+            text_source(settings.c0_source)  # a C₀ source that is not there stops the worker here, not every edit
         torch.set_num_threads(worker_threads(settings))
         self.lm = load_model(settings.model, device=settings.device, cache_dir=settings.cache_dir)
         self.session = EditSession(self.lm, settings.store,  # creates the store on first use

@@ -201,7 +201,7 @@ def _edit_coalesced(engine, job: Job, request: dict, method: str, on_step, timin
                 try:
                     outcome = engine.session.edit(
                         facts, method=method, objective=request.get("objective"),
-                        hparams=request.get("hparams") or None, branch=branch, job_id=job.id,
+                        hparams=_hparams(engine, request), branch=branch, job_id=job.id,
                         key_id=request.get("key_id"), on_step=on_step,
                         is_canceled=lambda keys=cancel_keys: bool(conn.exists(*keys)),
                         defer_metrics=True, timings=timings, jobs=jobs,
@@ -222,6 +222,11 @@ def _edit_coalesced(engine, job: Job, request: dict, method: str, on_step, timin
             log.warning("coalesced edit %s failed (%s): applying it alone", job.id, e)
             alone = True
     raise AssertionError("unreachable: the last try runs alone")
+
+
+def _hparams(engine, request: dict) -> dict:
+    """The request's hparams on top of the operator's (LMEDIT_C0_SOURCE, …; the API refuses them in a request)."""
+    return {**engine.hparams, **(request.get("hparams") or {})}
 
 
 def _queued_for(job: Job) -> float:
@@ -267,7 +272,8 @@ def _consolidate_when_due(engine, job: Job, request: dict, timings: dict) -> dic
         with phase(timings, "consolidate"):
             # job_id None: this job's id names its edit version (a retry finds that one and stops there)
             outcome = engine.session.rebase(branch, method=REBASE_METHOD,
-                                            key_id=request.get("key_id"), on_progress=_progress_of(job))
+                                            hparams=_hparams(engine, {}), key_id=request.get("key_id"),
+                                            on_progress=_progress_of(job))
     except Exception as e:  # noqa: BLE001 - a landed edit must not turn into a failed job
         log.warning("edit %s: consolidating %s failed: %s", job.id, branch, e, exc_info=True)
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
@@ -280,7 +286,7 @@ def _rebase(engine, job, request: dict) -> dict:
     try:
         outcome = engine.session.rebase(
             request["branch"], method=request.get("method") or REBASE_METHOD,
-            objective=request.get("objective"), hparams=request.get("hparams") or None,
+            objective=request.get("objective"), hparams=_hparams(engine, request),
             revert=request.get("revert") or None, job_id=job.id, key_id=request.get("key_id"),
             on_progress=_progress_of(job),
         )

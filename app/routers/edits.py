@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import EditKey, ReadKey, ServicesDep, StoreDep
 from app.errors import InvalidRequest, NotFound, TooLarge
 from app.schemas.edits import EditAccepted, EditRequest, EditState
-from editing.hparams import choose_method, resolve_hparams
+from editing.hparams import check_client_hparams, choose_method, resolve_hparams, resolve_rebase_hparams
 from editing.store import job_metrics, validate_name
 
 router = APIRouter(prefix="/edits", tags=["edits"])
@@ -29,13 +29,22 @@ def _validate(services, store, body: EditRequest) -> None:
     for fact in body.facts:
         if any(len(t) > limits.max_prompt_chars for t in fact.texts()):
             raise TooLarge(f"a prompt longer than {limits.max_prompt_chars} characters")
+    validate_name(body.branch, "branch name")
+    check_hparams(choose_method(body.method, [f.subject for f in body.facts])[0], body.hparams)
+    store.head(body.branch)  # 404 for an unknown branch
+
+
+def check_hparams(method: str, hparams: dict | None, rebase: bool = False) -> None:
+    """422 for hparams the method does not take, values out of range, or hparams that only the service's
+    operator sets (a C₀ source is a path on the workers' disk: `OPERATOR_HPARAMS`)."""
     try:
-        validate_name(body.branch, "branch name")
-        resolve_hparams(choose_method(body.method, [f.subject for f in body.facts])[0], body.hparams)
+        check_client_hparams(hparams)
+        (resolve_rebase_hparams if rebase else resolve_hparams)(method, hparams)
     except ValidationError as e:
         raise InvalidRequest("hparams: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
                                                        for err in e.errors())) from None
-    store.head(body.branch)  # 404 for an unknown branch
+    except ValueError as e:
+        raise InvalidRequest(f"hparams: {e}") from None
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=EditAccepted, responses=ERRORS,

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.deps import EditKey, ServicesDep, StoreDep
 from app.errors import NotFound
+from app.routers.edits import check_hparams
 from app.schemas.edits import EditAccepted, Objective
 from app.schemas.versions import BranchName
 from editing.hparams import METHOD_SPECS, REBASE_METHOD
@@ -20,7 +21,8 @@ from editing.ledger import ledger_of
 router = APIRouter(prefix="/branches", tags=["facts"])
 LOCATE_METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.closed_form)
 ERRORS = {401: {"description": "missing or invalid key"}, 403: {"description": "key lacks the edit scope"},
-          404: {"description": "unknown branch, fact or version"}, 429: {"description": "queue full (Retry-After)"}}
+          404: {"description": "unknown branch, fact or version"}, 422: {"description": "bad hparams"},
+          429: {"description": "queue full (Retry-After)"}}
 
 
 class ConsolidateRequest(BaseModel):
@@ -63,6 +65,7 @@ def consolidate(
     """A job that writes one rebase version on top of the head: base plus every fact in effect solved
     together in one batch edit. Poll GET /edits/{job_id}."""
     store.head(name)  # 404 for an unknown branch
+    check_hparams(body.method, body.hparams, rebase=True)
     request = {"op": "consolidate", "branch": name, "facts": [], **body.model_dump(mode="json")}
     return _accept(services, principal, response, request, idempotency_key)
 
@@ -76,6 +79,7 @@ def revert(
     """A job that writes one rebase version in which these facts are no longer in effect and every other
     fact still is (a reverted fact that had superseded another brings it back). Poll GET /edits/{job_id}."""
     ledger = ledger_of(store, store.head(name))
+    check_hparams(body.method, body.hparams, rebase=True)
     fact_ids = list(body.fact_ids)
     if body.version is not None:
         vid = store.resolve(body.version)
