@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 
 import httpx
 import pytest
 
-from tests.service import Stack, poll_edit, tiny_stack
+from app.cli_service import start_valkey
+from tests.service import ROOT, Stack, free_port, poll_edit, tiny_stack
 from tests.tiny import save_tiny, tiny_llama
 
 FAST = {"context_prefixes": 1, "steps": 3}
@@ -63,6 +67,25 @@ def test_facts_consolidate_revert_over_http(tmp_path):
         after = client.get("/branches/main/facts").json()
         assert [f["target_new"] for f in after["facts"]] == ["Rome"]  # what Paris had replaced is back
         assert [f["fact_id"] for f in after["reverted"]] == [paris]
+
+
+def test_a_worker_whose_c0_source_is_missing_stops_with_a_clear_error(tmp_path):
+    """LMEDIT_C0_SOURCE names a path on the workers' machine: a wrong one stops `lmedit worker` at its start,
+    with the path in the message, before the model loads, not every edit later."""
+    port = free_port()
+    valkey = start_valkey(port, tmp_path / "redis")
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "app", "worker", "--burst"], cwd=ROOT, capture_output=True, text=True,
+            timeout=120, env=os.environ | {"LMEDIT_REDIS_URL": f"redis://127.0.0.1:{port}/0",
+                                           "LMEDIT_STORE": str(tmp_path / "store"),
+                                           "LMEDIT_C0_SOURCE": str(tmp_path / "no-such-corpus"),
+                                           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    finally:
+        valkey.terminate()
+        valkey.wait(timeout=10)
+    assert out.returncode == 1, out
+    assert "no-such-corpus" in out.stdout + out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 @pytest.mark.slow
