@@ -31,7 +31,9 @@ class ConsolidateRequest(BaseModel):
                         f"{' | '.join(LOCATE_METHODS)}.", pattern="^(" + "|".join(LOCATE_METHODS) + ")$")
     objective: Objective | None = Field(None, description="What the values a rebase must train (facts that another "
                                         "method wrote) are trained with; default the method's.")
-    hparams: dict[str, Any] | None = None
+    hparams: dict[str, Any] | None = Field(None, description="Overrides of the method's hyperparameters, on top "
+                                           "of a rebase's defaults (422 outside their ranges, and for c0_source "
+                                           "and c0_tokens, which the service's operator sets).")
 
 
 class RevertRequest(ConsolidateRequest):

@@ -63,7 +63,8 @@ class EditRequest(BaseModel):
     objective: Objective | None = Field(None, description="Training objective; default the method's (ce for memit "
                                         "and alphaedit, whose value it trains; overtone for the fine-tuning methods).")
     hparams: dict[str, Any] | None = Field(None, description="Overrides of the method's hyperparameters "
-                                           "(documented ranges; 422 outside them).")
+                                           "(documented ranges; 422 outside them, and for c0_source and "
+                                           "c0_tokens, which the service's operator sets).")
     coalesce: StrictBool = Field(True, description="Whether a worker may apply this edit together with the queued "
                            "edits next to it on the branch (same method, objective, hparams and key) as one "
                            "version; false: always a version of its own.")
