@@ -19,6 +19,7 @@ The store lives in results/cache/, so an interrupted run continues from the bran
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -152,7 +153,7 @@ def consolidate_head(variant: str, objective: str, dataset: str, out: Path, thre
            "reused_values": outcome.metrics.get("reused_values"), **({"hparams": overrides} if overrides else {})}
     rows = out / "sequential" / f"{name}.jsonl"
     if tuning:
-        tag = "-".join(f"{k}-{v}" for k, v in tuning.items())
+        tag = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(f"{k}-{v}" for k, v in tuning.items()))  # a path: one name
         rows = out / "sequential-tuning" / f"consolidate-{name}-{tag}.jsonl"
     append_jsonl(rows, row)
     print(f"{name} consolidated at {done}: retention {point.retention:.3f} gen {point.generalization:.3f} "
