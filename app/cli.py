@@ -120,9 +120,17 @@ RebaseJson = Annotated[bool, typer.Option("--json", help="Print one JSON object"
 
 def _rebase(branch: str, revert: list[str] | None, method: str, objective: str | None, hparams: str | None,
             store: str | None, model: str | None, as_json: bool) -> None:
+    from pydantic import ValidationError
+
+    from editing.hparams import resolve_rebase_hparams
+    from editing.keys import check_text_source
     from editing.session import EditSession
 
     hp = {**operator_hparams(get_settings()), **_hparams(hparams)}  # LMEDIT_C0_SOURCE, as the workers use it
+    try:  # before the model loads: a bad value or a C₀ source with no text is reported at once
+        check_text_source(resolve_rebase_hparams(method, hp).c0_source)
+    except (ValueError, OSError, ValidationError) as e:
+        fail(str(e))
     lm = _load(model)
     with console.status("re-solving the branch's facts together …"):
         try:
@@ -180,7 +188,8 @@ def edit(
     from pydantic import ValidationError
 
     from editing.facts import Fact, Probe, read_facts
-    from editing.hparams import choose_method, resolve_hparams
+    from editing.hparams import choose_method, method_spec, resolve_hparams
+    from editing.keys import check_text_source
 
     try:
         if facts_file is not None:
@@ -195,6 +204,8 @@ def edit(
             console.print(f"[yellow]note:[/yellow] {note}")
         objective = choose_objective(method, objective)
         hp = resolve_hparams(method, {**operator_hparams(get_settings()), **_hparams(hparams)})
+        if method_spec(method).closed_form:
+            check_text_source(hp.c0_source)  # before the model loads and the values train
     except (ValueError, OSError, ValidationError) as e:
         fail(str(e))
     lm = _load(model)

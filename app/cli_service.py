@@ -145,7 +145,7 @@ def worker(
     ours = WorkerSettings(**settings.model_dump(include=set(WorkerSettings.model_fields)))
     try:
         run_worker(ours, [q.strip() for q in queues.split(",") if q.strip()], burst=burst)
-    except (ValueError, FileNotFoundError) as e:  # an unknown queue, a C₀ source that is not there
+    except ValueError as e:  # an unknown queue, a C₀ source that gives no text
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_PORT = 6399  # where lmedit api / worker look when neither LMEDIT_REDIS_URL nor the store says
@@ -34,8 +35,8 @@ class Settings(BaseSettings):
     # file or folder of .txt files on the workers' machine (a corpus of the kind the model reads); and how many
     # tokens of it are read. Every edit and rebase of the service uses them; a request may not name them.
     # WikiText-2 kept +0.015 locality in a 1,000-fact rebase (README "Where C₀ comes from")
-    c0_source: str = "builtin"
-    c0_tokens: int = 100_000
+    c0_source: str = Field("builtin", max_length=1000)  # the ranges of the hparams of the same names
+    c0_tokens: int = Field(100_000, ge=16, le=10_000_000)
 
     # --- service ---
     # Unset: the URL in STORE/redis.url (written by a running `lmedit up`), else this default

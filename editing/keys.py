@@ -122,6 +122,13 @@ def text_source(source: str = "builtin", max_chars: int = 2_000_000) -> tuple[st
     return tag, passages
 
 
+def check_text_source(source: str) -> None:
+    """OSError or ValueError where a C₀ source gives no text: missing, unreadable, or no line long enough to
+    count as prose. Read before a model loads, so that a wrong source is reported at once, not by every edit."""
+    if source != "builtin" and not text_source(source)[1]:
+        raise ValueError(f"C0 text source {source!r}: no line of 80 or more characters to read")
+
+
 _WIKITEXT_ARTIFACTS = re.compile(r" @([.,-])@ ")  # WikiText's tokenized "3 @.@ 5" is "3.5"
 
 

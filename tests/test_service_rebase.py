@@ -24,10 +24,11 @@ def test_facts_consolidate_revert_over_http(tmp_path):
     env = {"LMEDIT_C0_SOURCE": str(corpus), "LMEDIT_C0_TOKENS": "300"}
     with tiny_stack(tmp_path, env=env) as stack, httpx.Client(base_url=stack.url, timeout=60) as client:
         japan = {"prompt": "The capital of Japan is", "target_new": "Rome", "subject": "Japan"}
-        for path in ("/edits", "/branches/main/consolidate"):
+        bodies = {"/edits": {"facts": [japan]}, "/branches/main/consolidate": {},
+                  "/branches/main/revert": {"fact_ids": ["any-0"]}}  # hparams are checked before the fact ids
+        for path, body in bodies.items():
             for hparams in ({"c0_source": "/etc/passwd"}, {**FAST, "c0_tokens": 16}, {"lr": "fast"}):
-                r = client.post(path, json={"facts": [japan], "method": "memit", "hparams": hparams}
-                                if path == "/edits" else {"method": "memit", "hparams": hparams})
+                r = client.post(path, json={**body, "method": "memit", "hparams": hparams})
                 assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
                 if "lr" not in hparams:
                     assert "LMEDIT_C0_" in r.json()["error"]["message"], r.text
@@ -71,7 +72,18 @@ def test_facts_consolidate_revert_over_http(tmp_path):
 
 def test_a_worker_whose_c0_source_is_missing_stops_with_a_clear_error(tmp_path):
     """LMEDIT_C0_SOURCE names a path on the workers' machine: a wrong one stops `lmedit worker` at its start,
-    with the path in the message, before the model loads, not every edit later."""
+    with the path in the message, before the model loads, not every edit later; `lmedit consolidate` too."""
+    from editing.keys import check_text_source
+
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to be prose.\n" * 50)
+    with pytest.raises(ValueError, match="no line of 80"):
+        check_text_source(str(short))
+    check_text_source("builtin")
+    cli = subprocess.run([sys.executable, "-m", "app", "consolidate", "main", "--store", str(tmp_path / "none")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=os.environ | {"LMEDIT_C0_SOURCE": str(short), "PYTHONPATH": str(ROOT)})
+    assert cli.returncode == 1 and "short.txt" in cli.stdout + cli.stderr, cli
     port = free_port()
     valkey = start_valkey(port, tmp_path / "redis")
     try:
@@ -85,7 +97,8 @@ def test_a_worker_whose_c0_source_is_missing_stops_with_a_clear_error(tmp_path):
         valkey.terminate()
         valkey.wait(timeout=10)
     assert out.returncode == 1, out
-    assert "no-such-corpus" in out.stdout + out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "LMEDIT_C0_SOURCE" in out.stderr and "no-such-corpus" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
 
 
 @pytest.mark.slow

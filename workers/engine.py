@@ -13,7 +13,7 @@ import redis
 import torch
 
 from editing.hparams import operator_hparams
-from editing.keys import text_source
+from editing.keys import check_text_source
 from editing.model import load_model
 from editing.session import EditSession
 from workers.settings import WorkerSettings, get_settings
@@ -30,8 +30,10 @@ class Engine:
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
         self.hparams = operator_hparams(settings)  # every edit's and rebase's, under the request's own
-        if settings.c0_source != "builtin":
-            text_source(settings.c0_source)  # a C₀ source that is not there stops the worker here, not every edit
+        try:  # a C₀ source that gives no text stops the worker here (one line), not every edit later
+            check_text_source(settings.c0_source)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"LMEDIT_C0_SOURCE: {e}") from None
         torch.set_num_threads(worker_threads(settings))
         self.lm = load_model(settings.model, device=settings.device, cache_dir=settings.cache_dir)
         self.session = EditSession(self.lm, settings.store,  # creates the store on first use

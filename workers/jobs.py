@@ -225,8 +225,9 @@ def _edit_coalesced(engine, job: Job, request: dict, method: str, on_step, timin
 
 
 def _hparams(engine, request: dict) -> dict:
-    """The request's hparams on top of the operator's (LMEDIT_C0_SOURCE, …; the API refuses them in a request)."""
-    return {**engine.hparams, **(request.get("hparams") or {})}
+    """The request's hparams with the operator's (LMEDIT_C0_SOURCE, …) over them: the API refuses those in a
+    request, and a job that reaches Redis some other way does not choose the files a worker reads either."""
+    return {**(request.get("hparams") or {}), **engine.hparams}
 
 
 def _queued_for(job: Job) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,8 +29,8 @@ class WorkerSettings(BaseSettings):
     # file or folder of .txt files on the workers' machine (a corpus of the kind the model reads); and how many
     # tokens of it are read. Every edit and rebase of the service uses them; a request may not name them.
     # WikiText-2 kept +0.015 locality in a 1,000-fact rebase (README "Where C₀ comes from")
-    c0_source: str = "builtin"
-    c0_tokens: int = 100_000
+    c0_source: str = Field("builtin", max_length=1000)  # the ranges of the hparams of the same names
+    c0_tokens: int = Field(100_000, ge=16, le=10_000_000)
 
     # --- queue ---
     redis_url: str = "redis://127.0.0.1:6399/0"

@@ -80,8 +80,9 @@ def revert(
 ) -> dict:
     """A job that writes one rebase version in which these facts are no longer in effect and every other
     fact still is (a reverted fact that had superseded another brings it back). Poll GET /edits/{job_id}."""
-    ledger = ledger_of(store, store.head(name))
+    head = store.head(name)  # 404 for an unknown branch
     check_hparams(body.method, body.hparams, rebase=True)
+    ledger = ledger_of(store, head)
     fact_ids = list(body.fact_ids)
     if body.version is not None:
         vid = store.resolve(body.version)
