@@ -100,26 +100,42 @@ def module_inputs(model: torch.nn.Module, modules: dict[str, torch.nn.Module], i
 def text_source(source: str = "builtin", max_chars: int = 2_000_000) -> tuple[str, list[str]]:
     """(tag, passages) of a text source for C₀: "builtin" (`generic_text`, works from any
     clone), or a path to a text file or a folder of them, e.g. WikiText-2. The tag names the
-    source in the moment cache (a file's name, size and mtime)."""
+    source in the moment cache (`source_tag`)."""
+    return source_tag(source), generic_text() if source == "builtin" else _passages(_files(source), max_chars)
+
+
+def source_tag(source: str) -> str:
+    """The source's name in the moment cache: "builtin", or a hash of the path and of each file's name, size and
+    mtime (its stat alone: a cached C₀ is found without reading the text)."""
     if source == "builtin":
-        return "builtin", generic_text()
+        return "builtin"
+    files = _files(source)
+    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
+    return "text-" + hashlib.sha256(f"{Path(source).expanduser().resolve()}|{stamp}".encode()).hexdigest()[:12]
+
+
+def _files(source: str) -> list[Path]:
     path = Path(source).expanduser()
     files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
         raise FileNotFoundError(f"C0 text source {source!r}: no such text file or folder of .txt files")
-    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
-    tag = "text-" + hashlib.sha256(f"{path.resolve()}|{stamp}".encode()).hexdigest()[:12]
+    return files
+
+
+def _passages(files: list[Path], max_chars: int) -> list[str]:
+    """The prose lines of `files`, up to `max_chars`: read line by line, so a large corpus is read no further."""
     passages, total = [], 0
     for f in files:
-        for line in f.read_text(errors="replace").splitlines():
-            line = _WIKITEXT_ARTIFACTS.sub(lambda m: m.group(1), line).strip()
-            if len(line) < 80 or line.startswith("="):  # blank lines and WikiText headings
-                continue
-            passages.append(line)
-            total += len(line)
-            if total >= max_chars:
-                return tag, passages
-    return tag, passages
+        with f.open(errors="replace") as lines:
+            for line in lines:
+                line = _WIKITEXT_ARTIFACTS.sub(lambda m: m.group(1), line).strip()
+                if len(line) < 80 or line.startswith("="):  # blank lines and WikiText headings
+                    continue
+                passages.append(line)
+                total += len(line)
+                if total >= max_chars:
+                    return passages
+    return passages
 
 
 def check_text_source(source: str) -> None:
@@ -170,15 +186,14 @@ def second_moment(lm, modules: dict[str, torch.nn.Module], source: str = "builti
 
     from editing.model import default_cache_dir
 
-    tag, passages = text_source(source)
-    key = f"{tag}-{max_tokens}"
+    key = f"{source_tag(source)}-{max_tokens}"
     path = default_cache_dir() / f"moments-{lm.fingerprint[:16]}-{key}.safetensors"
     if not all((lm.fingerprint, key, n) in _MOMENTS for n in modules) and path.exists():
         for n, c in load_file(path).items():
             _MOMENTS[(lm.fingerprint, key, n)] = c.to(lm.device)
     todo = {n: m for n, m in modules.items() if (lm.fingerprint, key, n) not in _MOMENTS}
-    if todo:
-        sums, count = _input_sums(lm.model, lm.tokenizer, todo, passages, max_tokens)
+    if todo:  # only now is the text read
+        sums, count = _input_sums(lm.model, lm.tokenizer, todo, text_source(source)[1], max_tokens)
         for n, s in sums.items():
             _MOMENTS[(lm.fingerprint, key, n)] = s / count  # (in, in)
         try:

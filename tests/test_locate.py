@@ -399,3 +399,22 @@ def test_a_sequential_run_consolidates_every_n_edits_as_a_worker_would(tmp_path,
     assert consolidated["rebase"] is True and s.store.get(consolidated["parent"])["job_id"] == "seq-1"
     assert s.store.edits_since_rebase(s.store.head("main")) == 1  # the third edit, stacked on the rebase
     assert [f.fact["subject"] for f in ledger_of(s.store, s.store.head("main")).live] == ["Japan", "France", "Peru"]
+
+
+def test_a_text_source_reads_prose_lines_up_to_its_cap_and_its_tag_follows_the_files(tmp_path):
+    from editing.keys import source_tag
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    prose = "The river runs through the old town and past the market square before it meets the sea"
+    (corpus / "a.txt").write_text(f" = Heading = \nshort line\n{prose} 3 @.@ 5 km .\n{prose}, twice.\n")
+    (corpus / "b.txt").write_text(f"{prose}, in the second file.\n")
+    (corpus / "notes.md").write_text(f"{prose}, not a .txt file.\n")
+    tag, passages = text_source(str(corpus))
+    assert passages == [f"{prose} 3.5 km .", f"{prose}, twice.", f"{prose}, in the second file."]
+    assert text_source(str(corpus), max_chars=len(prose) + 5)[1] == passages[:1]  # stops at the cap
+    assert source_tag(str(corpus)) == tag and source_tag("builtin") == "builtin"
+    (corpus / "b.txt").write_text(f"{prose}, in the second file, changed.\n")
+    assert source_tag(str(corpus)) != tag  # a changed file is another C₀
+    with pytest.raises(FileNotFoundError, match="no such text file"):
+        text_source(str(tmp_path / "missing"))
