@@ -101,7 +101,12 @@ def text_source(source: str = "builtin", max_chars: int = 2_000_000) -> tuple[st
     """(tag, passages) of a text source for C₀: "builtin" (`generic_text`, works from any
     clone), or a path to a text file or a folder of them, e.g. WikiText-2. The tag names the
     source in the moment cache (`source_tag`)."""
-    return source_tag(source), generic_text() if source == "builtin" else _passages(_files(source), max_chars)
+    return source_tag(source), source_passages(source, max_chars)
+
+
+def source_passages(source: str, max_chars: int = 2_000_000) -> list[str]:
+    """The text of a C₀ source (`text_source`) without its tag: what a pass over it reads."""
+    return generic_text() if source == "builtin" else _passages(_files(source), max_chars)
 
 
 def source_tag(source: str) -> str:
@@ -141,7 +146,7 @@ def _passages(files: list[Path], max_chars: int) -> list[str]:
 def check_text_source(source: str) -> None:
     """OSError or ValueError where a C₀ source gives no text: missing, unreadable, or no line long enough to
     count as prose. Read before a model loads, so that a wrong source is reported at once, not by every edit."""
-    if source != "builtin" and not text_source(source)[1]:
+    if source != "builtin" and not source_passages(source):
         raise ValueError(f"C0 text source {source!r}: no line of 80 or more characters to read")
 
 
@@ -193,7 +198,7 @@ def second_moment(lm, modules: dict[str, torch.nn.Module], source: str = "builti
             _MOMENTS[(lm.fingerprint, key, n)] = c.to(lm.device)
     todo = {n: m for n, m in modules.items() if (lm.fingerprint, key, n) not in _MOMENTS}
     if todo:  # only now is the text read
-        sums, count = _input_sums(lm.model, lm.tokenizer, todo, text_source(source)[1], max_tokens)
+        sums, count = _input_sums(lm.model, lm.tokenizer, todo, source_passages(source), max_tokens)
         for n, s in sums.items():
             _MOMENTS[(lm.fingerprint, key, n)] = s / count  # (in, in)
         try:
