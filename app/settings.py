@@ -22,19 +22,21 @@ class Settings(BaseSettings):
     device: str | None = None  # "cuda", "cpu"; default: CUDA when present
     threads: int | None = None  # torch intra-op threads (default: torch's choice; workers: cores - 1)
     # GET /branches/{name} suggests consolidating once this many edits stack on the last rebase (or base).
-    # 50: the policy README "Consolidate" measured; a branch consolidated every 50 edits held 1,000 facts at
-    # 0.913 retention / 0.714 locality where the stacked branch held 0.581 / 0.487 (REPORT.md section 3)
+    # 50: the policy measured in docs/measurements.md "Sequential edits, stacked and consolidated": a branch
+    # consolidated every 50 edits held 1,000 facts at 0.913 retention / 0.714 locality where the stacked
+    # branch held 0.581 / 0.487 (REPORT.md section 3)
     consolidate_after: int = 50
     # The edit that makes this many edits stack on the branch's last rebase also consolidates the branch, in
-    # the same job, before it reports (0: never; a client consolidates when it chooses): README "Consolidate".
+    # the same job, before it reports (0: never; a client consolidates when it chooses): docs/measurements.md
+    # "Sequential edits, stacked and consolidated".
     # 50 since stop 39: the default values stacked cost locality, consolidated every 50 they beat the old
-    # stacked default on every axis from 100 edits on (README "The value's defaults")
+    # stacked default on every axis from 100 edits on (docs/measurements.md "The value's defaults")
     auto_consolidate_after: int = 50
     keyframe_every: int = 20  # a stored sum every this many versions of a chain: flat cold checkouts (0: none)
     # Text for the generic keys' second moment C₀ of memit / alphaedit: "builtin" (ships with lmedit), or a text
     # file or folder of .txt files on the workers' machine (a corpus of the kind the model reads); and how many
     # tokens of it are read. Every edit and rebase of the service uses them; a request may not name them.
-    # WikiText-2 kept +0.015 locality in a 1,000-fact rebase (README "Where C₀ comes from")
+    # WikiText-2 kept +0.015 locality in a 1,000-fact rebase (docs/measurements.md "Where C₀ comes from")
     c0_source: str = Field("builtin", max_length=1000)  # the ranges of the hparams of the same names
     c0_tokens: int = Field(100_000, ge=16, le=10_000_000)
 

@@ -1,4 +1,4 @@
-"""Single alphaedit edits with their fluency and whether they repeat the answer (README "Repetition after
+"""Single alphaedit edits with their fluency and whether they repeat the answer (docs/measurements.md "Repetition after
 the answer").
 
 Each counterfact-dev record is edited on the unedited weights (as `lmedit eval`), measured (reliability,

@@ -39,8 +39,10 @@ VARIANTS = {
     "memit": ("memit", {}),
     "alphaedit": ("alphaedit", {}),
     "alphaedit-stop40": ("alphaedit", {"no_repeat_weight": 0}),  # the defaults before the no-repeat term
-    "alphaedit-tau-0.99": ("alphaedit", {"tau": 0.99}),  # README "Longer values on a consolidated branch"
-    "alphaedit-generic-3000": ("alphaedit", {"generic_weight": 3000}),  # README "Generic keys held softly"
+    # docs/measurements.md "Longer values on a consolidated branch"
+    "alphaedit-tau-0.99": ("alphaedit", {"tau": 0.99}),
+    # docs/measurements.md "Generic keys held softly"
+    "alphaedit-generic-3000": ("alphaedit", {"generic_weight": 3000}),
 }
 
 

@@ -31,13 +31,13 @@ class MethodSpec:
 # Locate-then-edit: δ is one vector per fact, trained behind a few model-generated prefixes so the
 # value holds in other contexts; `layers` None = a span of blocks in the lower third
 # (editing/locate.py `default_layers`). Since stop 39 the value trains with ce (MethodSpec.objective) and
-# the normalized step for at least 15 steps, then until its mean loss is below 1e-3 (README "The value's
+# the normalized step for at least 15 steps, then until its mean loss is below 1e-3 (docs/measurements.md "The value's
 # defaults"): single edits on counterfact-dev 1000–1099 went from 1.000 / 0.328 / 0.967 to 0.990 / 0.502 /
 # 0.987 (zsRE and MQuAKE level). Past its fit the value carries the fact to rephrasings (stopped at the fit:
 # 0.43 on the same records); the loss rule lets zsRE's longer answers fit (15 fixed steps: reliability 0.90).
 # Since stop 41 the value also may not make its answer follow itself (`no_repeat_weight`, editing/no_repeat.py):
 # on counterfact-dev 0–99 fluency +0.20 [+0.07, +0.35] (4.53 → 4.72, base 4.73) for generalization −0.03
-# [−0.07, 0.00], locality unchanged (README "Repetition after the answer").
+# [−0.07, 0.00], locality unchanged (docs/measurements.md "Repetition after the answer").
 _LOCATE_DEFAULTS = {"lr": 0.5, "steps": 40, "min_steps": 15, "loss_threshold": 1e-3, "context_prefixes": 5,
                     "precision": "auto", "no_repeat_weight": 1.0}
 
@@ -99,7 +99,7 @@ class EditHparams(BaseModel):
     min_steps: int = Field(
         0, ge=0, le=500, description="The stop rule is read from this step on: an edit trains at least this many "
         "steps (at most `steps`). Locate-then-edit methods default to 15: a value trained on past its fit carries "
-        "the fact to rephrasings (README \"The value's defaults\").",
+        "the fact to rephrasings (docs/measurements.md \"The value's defaults\").",
     )
     norm_constraint: float | None = Field(
         None, gt=0, le=1.0, description="Keep every edited weight within ± this of its original (FT-L).",
@@ -151,14 +151,15 @@ class EditHparams(BaseModel):
         "normalized", description="Locate-then-edit: how the residual value δ is trained. 'normalized' moves each "
         "fact's δ by lr·√H along its own gradient (Adam's first step length, no per-coordinate scaling; "
         "editing/locate.py `RowNormalizedGD`): the same fit with about 0.6 of Adam's δ in half the steps, and "
-        "trained on past the fit it carries the fact to rephrasings (README \"The value's defaults\"). 'adam' "
+        "trained on past the fit it carries the fact to rephrasings (docs/measurements.md \"The value's "
+        "defaults\"). 'adam' "
         "(MEMIT's, the default before stop 39) moves every coordinate of δ about `lr` per step whatever its "
         "gradient, so δ grows where the loss does not ask.",
     )
     value_decay: float = Field(
         0.0, ge=0, le=100.0, description="Locate-then-edit: MEMIT's weight decay of δ, added to the loss as this "
         "times ‖δ‖²/‖h‖² (the stop rule reads the fit alone). 0 = off: on counterfact-dev 0–99, 0.5 cost 0.01 "
-        "generalization and moved no locality (README 'The value's regularisers').",
+        "generalization and moved no locality (docs/measurements.md 'The value's regularisers').",
     )
     essence_weight: float = Field(
         0.0, ge=0, le=100.0, description="ROME's essence term: weight of KL(p₀ ‖ p) on '{subject} is a', so "
@@ -174,8 +175,8 @@ class EditHparams(BaseModel):
     no_repeat_floor: float = Field(
         0.05, gt=0.0, lt=1.0, description="The no-repeat term: the p(y) after the answer that it always allows. "
         "Higher acts on fewer facts: 0.2 kept all of the generalization and half of the fluency on "
-        "counterfact-dev 0–99, but on 1000–1099 lost as much generalization as 0.05 for less fluency (README "
-        "'Repetition after the answer').",
+        "counterfact-dev 0–99, but on 1000–1099 lost as much generalization as 0.05 for less fluency "
+        "(docs/measurements.md 'Repetition after the answer').",
     )
     fact_keys: Literal["both", "context", "own"] = Field(
         "both", description="Locate-then-edit: the keys each fact is written along and, on a branch, kept in "
@@ -205,7 +206,7 @@ class EditHparams(BaseModel):
         "builtin", max_length=1000, description="Text for C₀ = E[k kᵀ]: 'builtin' (ships with lmedit) or a path to a "
         "text file or folder of .txt files (e.g. WikiText-2); part of C₀'s cache key. A service takes it from "
         "LMEDIT_C0_SOURCE, never from a request. WikiText-2 kept +0.015 locality over 'builtin' in a 1,000-fact "
-        "rebase, the same retention and generalization (README \"Where C₀ comes from\").",
+        "rebase, the same retention and generalization (docs/measurements.md \"Where C₀ comes from\").",
     )
     c0_tokens: int = Field(100_000, ge=16, le=10_000_000, description="Most tokens of c0_source read for C₀ "
                            "(a service: LMEDIT_C0_TOKENS).")
@@ -265,14 +266,15 @@ def resolve_hparams(method: str, overrides: dict | None = None) -> EditHparams:
 # counterfact-dev 0–999: 0.56 of the residual left, retention 0.722, locality 0.744); a second pass writes
 # most of the rest (0.868 / 0.688), and a null space up to 3% of C₀'s largest eigenvalue gives it more room
 # (0.896 / 0.680, the best retention + locality of the settings tried; 200 facts: 0.984 / 0.802 against one
-# pass's 0.985 / 0.813). README "More passes". Each fact's context-averaged key weighs half its own prompt's
-# in the fit: where the room runs out, the fit favours the own prompt's key (1,000 facts: 0.931 / 0.248 / 0.687
-# against 0.919 / 0.240 / 0.674 on 0–999, 0.935 / 0.269 / 0.702 against 0.935 / 0.263 / 0.683 on 1000–1999;
-# a single edit, which has room for both, is the same to the last digit). README "Two keys per fact, weighed".
+# pass's 0.985 / 0.813). docs/measurements.md "More passes". Each fact's context-averaged key weighs half
+# its own prompt's in the fit: where the room runs out, the fit favours the own prompt's key (1,000 facts:
+# 0.931 / 0.248 / 0.687 against 0.919 / 0.240 / 0.674 on 0–999, 0.935 / 0.269 / 0.702 against 0.935 / 0.263
+# / 0.683 on 1000–1999; a single edit, which has room for both, is the same to the last digit).
+# docs/measurements.md "Two keys per fact, weighed".
 # Since stop 40 a third pass runs where more than 5% of the values' residual is left after the second: 1,000
 # facts of 0–999 with the default values leave 0.34 after two passes, and a third gives 0.950 / 0.346 / 0.703
 # against two passes' 0.896 / 0.315 / 0.727; 200 facts leave 0.02, where a third pass bought nothing and cost
-# 0.017 locality. README "Passes while the values are unwritten".
+# 0.017 locality. docs/measurements.md "Passes while the values are unwritten".
 REBASE_DEFAULTS = {"passes": 3, "passes_until": 0.05, "nullspace_threshold": 0.03, "context_key_weight": 0.5}
 REBASE_METHOD = "alphaedit"  # what consolidate and revert re-solve a branch's facts with, unless asked otherwise
 

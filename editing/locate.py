@@ -151,7 +151,7 @@ class RowNormalizedGD(torch.optim.Optimizer):
     by about lr (a step of length lr·√H in a sign-like direction) and δ grows in directions the loss
     barely asks for. This takes steps of the same length along the gradient itself: the fit is reached
     with a smaller δ (counterfact-dev 0–99: ‖δ‖ 0.45 of ‖h‖ against Adam's 0.77), so the closed form
-    writes a smaller ΔW (README "The value's optimizer")."""
+    writes a smaller ΔW (docs/measurements.md "The value's optimizer")."""
 
     def __init__(self, params, lr: float):
         super().__init__(params, {"lr": lr})

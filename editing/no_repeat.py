@@ -18,8 +18,8 @@ the answer may grow no likelier than it was, or than `floor` (`no_repeat_floor`,
 on fewer facts and buys less fluency). It is zero, and gives no gradient, wherever the answer is
 not repeated, so the values of facts that do not repeat stay as they were (39 of 100 on
 counterfact-dev 0–99 came out identical). (A KL that keeps the whole next-token distribution
-there, as ROME's essence term does on "{subject} is a", cost 0.12 generalization: README
-"Repetition after the answer".)
+there, as ROME's essence term does on "{subject} is a", cost 0.12 generalization:
+docs/measurements.md "Repetition after the answer".)
 """
 
 from __future__ import annotations

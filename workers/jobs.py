@@ -142,7 +142,8 @@ def apply_edit(request: dict) -> dict | Retry:
     def on_step(info: StepInfo) -> None:
         now = time.monotonic()
         if now - last_save[0] >= PROGRESS_EVERY_S or info.step == info.steps:
-            job.meta["progress"] = {"step": info.step, "steps": info.steps, "loss": round(info.loss, 6)}
+            # + 0.0: a fitted value's loss is a float's rounding error around 0, and "-0.0" read as a bug
+            job.meta["progress"] = {"step": info.step, "steps": info.steps, "loss": round(info.loss, 6) + 0.0}
             job.save_meta()
             last_save[0] = now
 

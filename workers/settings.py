@@ -28,7 +28,7 @@ class WorkerSettings(BaseSettings):
     # Text for the generic keys' second moment C₀ of memit / alphaedit: "builtin" (ships with lmedit), or a text
     # file or folder of .txt files on the workers' machine (a corpus of the kind the model reads); and how many
     # tokens of it are read. Every edit and rebase of the service uses them; a request may not name them.
-    # WikiText-2 kept +0.015 locality in a 1,000-fact rebase (README "Where C₀ comes from")
+    # WikiText-2 kept +0.015 locality in a 1,000-fact rebase (docs/measurements.md "Where C₀ comes from")
     c0_source: str = Field("builtin", max_length=1000)  # the ranges of the hparams of the same names
     c0_tokens: int = Field(100_000, ge=16, le=10_000_000)
 
