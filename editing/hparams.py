@@ -152,9 +152,8 @@ class EditHparams(BaseModel):
         "fact's δ by lr·√H along its own gradient (Adam's first step length, no per-coordinate scaling; "
         "editing/locate.py `RowNormalizedGD`): the same fit with about 0.6 of Adam's δ in half the steps, and "
         "trained on past the fit it carries the fact to rephrasings (docs/measurements.md \"The value's "
-        "defaults\"). 'adam' "
-        "(MEMIT's, the default before stop 39) moves every coordinate of δ about `lr` per step whatever its "
-        "gradient, so δ grows where the loss does not ask.",
+        "defaults\"). 'adam' (MEMIT's, the default before stop 39) moves every coordinate of δ about `lr` per "
+        "step whatever its gradient, so δ grows where the loss does not ask.",
     )
     value_decay: float = Field(
         0.0, ge=0, le=100.0, description="Locate-then-edit: MEMIT's weight decay of δ, added to the loss as this "

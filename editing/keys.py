@@ -97,15 +97,9 @@ def module_inputs(model: torch.nn.Module, modules: dict[str, torch.nn.Module], i
     return found
 
 
-def text_source(source: str = "builtin", max_chars: int = 2_000_000) -> tuple[str, list[str]]:
-    """(tag, passages) of a text source for C₀: "builtin" (`generic_text`, works from any
-    clone), or a path to a text file or a folder of them, e.g. WikiText-2. The tag names the
-    source in the moment cache (`source_tag`)."""
-    return source_tag(source), source_passages(source, max_chars)
-
-
 def source_passages(source: str, max_chars: int = 2_000_000) -> list[str]:
-    """The text of a C₀ source (`text_source`) without its tag: what a pass over it reads."""
+    """The text of a C₀ source: "builtin" (`generic_text`, works from any clone), or a path to a text
+    file or a folder of them, e.g. WikiText-2 (`source_tag` names it in the moment cache)."""
     return generic_text() if source == "builtin" else _passages(_files(source), max_chars)
 
 
@@ -182,7 +176,7 @@ _MOMENTS: dict[tuple[str, str, str], torch.Tensor] = {}
 
 def second_moment(lm, modules: dict[str, torch.nn.Module], source: str = "builtin",
                   max_tokens: int = 100_000) -> dict[str, torch.Tensor]:
-    """C₀ = E[x xᵀ] per module (in, in) over a text source (`text_source`), without any ridge.
+    """C₀ = E[x xᵀ] per module (in, in) over a text source (`source_passages`), without any ridge.
 
     Computed once per base model, module, source and token cap (the blocks above the edited
     one are skipped; a progress bar shows the pass) and kept in memory and in the model cache

@@ -8,7 +8,7 @@ import torch
 from editing.checkout import ResidentModel, materialize
 from editing.facts import Fact
 from editing.hparams import DEFAULT_METHOD, FALLBACK_METHOD, choose_method, choose_objective, resolve_hparams
-from editing.keys import module_inputs, second_moment, text_source
+from editing.keys import module_inputs, second_moment, source_passages
 from editing.ledger import ledger_of
 from editing.locate import RowNormalizedGD, read_keys_and_top, solve_update
 from editing.methods import target_modules
@@ -105,7 +105,7 @@ def test_alphaedit_leaves_generic_keys_in_place(tmp_path, monkeypatch):
     result = edit(lm, [fact], method="alphaedit", hparams=hp)
     modules = target_modules(lm.model, result.hparams)
     second_moment(lm, modules, max_tokens=40)
-    _, passages = text_source("builtin")
+    passages = source_passages("builtin")
     enc = lm.tokenizer(passages[:16], return_tensors="pt", padding=True, truncation=True, max_length=128)
     keys = module_inputs(lm.model, modules, enc.input_ids, enc.attention_mask, enc.attention_mask.bool())
     keys = {n: k[:40] for n, k in keys.items()}
@@ -410,11 +410,11 @@ def test_a_text_source_reads_prose_lines_up_to_its_cap_and_its_tag_follows_the_f
     (corpus / "a.txt").write_text(f" = Heading = \nshort line\n{prose} 3 @.@ 5 km .\n{prose}, twice.\n")
     (corpus / "b.txt").write_text(f"{prose}, in the second file.\n")
     (corpus / "notes.md").write_text(f"{prose}, not a .txt file.\n")
-    tag, passages = text_source(str(corpus))
+    tag, passages = source_tag(str(corpus)), source_passages(str(corpus))
     assert passages == [f"{prose} 3.5 km .", f"{prose}, twice.", f"{prose}, in the second file."]
-    assert text_source(str(corpus), max_chars=len(prose) + 5)[1] == passages[:1]  # stops at the cap
+    assert source_passages(str(corpus), max_chars=len(prose) + 5) == passages[:1]  # stops at the cap
     assert source_tag(str(corpus)) == tag and source_tag("builtin") == "builtin"
     (corpus / "b.txt").write_text(f"{prose}, in the second file, changed.\n")
     assert source_tag(str(corpus)) != tag  # a changed file is another C₀
     with pytest.raises(FileNotFoundError, match="no such text file"):
-        text_source(str(tmp_path / "missing"))
+        source_passages(str(tmp_path / "missing"))
