@@ -297,7 +297,9 @@ class JobClient:
         if status in WAITING and (leader is None or leader.get_status(refresh=False) != JobStatus.STARTED):
             try:
                 job.cancel()
-            except InvalidJobOperation:
+            except (InvalidJobOperation, ValueError):
+                # A worker took the job since its status was read (RQ raises ValueError for an execution it
+                # registered but has not written yet): the cancel key set above stops it at its next step.
                 pass
             self.redis.lrem(protocol.pending_key(job.meta.get("branch", "main")), 0, job_id)
         return self.edit_state(job_id)
@@ -320,7 +322,7 @@ class JobClient:
         if job is not None and job.get_status(refresh=False) in WAITING:
             try:
                 job.cancel()
-            except InvalidJobOperation:
+            except (InvalidJobOperation, ValueError):  # a worker took it meanwhile (see `cancel_edit`)
                 pass
 
     async def wait_result(self, job_id: str, timeout: float) -> dict | None:

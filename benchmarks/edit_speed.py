@@ -9,6 +9,8 @@ a short one). This times the edit alone (training and closed form, 1 torch threa
   first edit on the long branch is reported apart (a cold worker builds the Gram once);
 - the same edits with every step running whole rows (editing/frozen_positions.py off): the
   baseline of the frozen prefix, in the same run;
+- the value alone, without the closed form: what a consolidate pays per fact a stacked edit wrote (it
+  trains that fact's value again at base, `values_at_base`);
 - with `--also JSON`, the same edits on the short branch with those hparams on top of the
   defaults (a candidate setting, e.g. '{"lr": 1.0}'), timed in the same run; `--also-objective`
   trains those with another objective than the method's default (e.g. an earlier default).
@@ -34,6 +36,7 @@ from benchmarks.common import DATA, RESULTS, arguments, cpu_model, write_json  #
 
 FIRST_RECORD = 1000
 BRANCHES = (10, 1000)
+LMEDIT_AUTO_CONSOLIDATE_AFTER = 50  # its default (workers/settings.py): a consolidate after 50 stacked edits
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     t = time.perf_counter()
     train.edit(lm, [facts[0]], method="alphaedit", hparams=overrides, live_keys=branches[long])
     cold = time.perf_counter() - t  # includes building the long branch's Gram once
-    seconds: dict[str, list[float]] = {f"branch {s}": [] for s in sizes} | {f"whole rows, branch {short}": []}
+    base_value = f"value alone, branch {short}"
+    seconds: dict[str, list[float]] = {f"branch {s}": [] for s in sizes} | {f"whole rows, branch {short}": [],
+                                                                            base_value: []}
     also = (f"{json.dumps(args.also, sort_keys=True)}{' + ' + args.also_objective if args.also_objective else ''}, "
             f"branch {short}") if args.also else None
     if also:
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             hparams = overrides | (args.also if name == also else {})
             try:
                 r = train.edit(lm, [fact], method="alphaedit", objective=args.also_objective if name == also else None,
-                               hparams=hparams, live_keys=branches[size])
+                               hparams=hparams, live_keys=branches[size], solve=name != base_value)
             finally:
                 train.freeze_prefix = frozen
             seconds[name].append(r.seconds)
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         "median_s": median, "cold_first_edit_on_1000_s": cold,
         "ratio_1000_to_10": median[f"branch {long}"] / median[f"branch {short}"],
         "speedup_of_frozen_prefix": median[f"whole rows, branch {short}"] / median[f"branch {short}"],
+        "value_at_base_s": median[base_value],
         "also": {"hparams": args.also, "objective": args.also_objective,
                  "ratio_to_defaults": median[also] / median[f"branch {short}"],
                  "mean_steps": statistics.mean(steps[also]),
@@ -133,6 +139,10 @@ def report(results: Path = RESULTS) -> list[str]:
             f"of a cold worker there {r['cold_first_edit_on_1000_s']:.2f} s); every step on whole rows instead "
             f"of the frozen prefix: {m['whole rows, branch 10']:.2f} s ({r['speedup_of_frozen_prefix']:.2f}× "
             "slower).")
+    if r.get("value_at_base_s") is not None:
+        line += (f" A consolidate trains again at base the value of each fact a stacked edit wrote "
+                 f"(`values_at_base`): {r['value_at_base_s']:.2f} s per such fact, up to "
+                 f"{LMEDIT_AUTO_CONSOLIDATE_AFTER} of them per automatic consolidate.")
     if r.get("also"):
         a = r["also"]
         objective = f" and objective {a['objective']}" if a.get("objective") else ""

@@ -39,10 +39,17 @@ VARIANTS = {
     "memit": ("memit", {}),
     "alphaedit": ("alphaedit", {}),
     "alphaedit-stop40": ("alphaedit", {"no_repeat_weight": 0}),  # the defaults before the no-repeat term
+    # the defaults before consolidate trained stacked edits' values again at base: `REBASE_VARIANTS`
+    "alphaedit-stop44": ("alphaedit", {}),
     # docs/measurements.md "Longer values on a consolidated branch"
     "alphaedit-tau-0.99": ("alphaedit", {"tau": 0.99}),
     # docs/measurements.md "Generic keys held softly"
     "alphaedit-generic-3000": ("alphaedit", {"generic_weight": 3000}),
+}
+# name -> hparams its consolidates take on top of the rebase defaults
+REBASE_VARIANTS = {
+    # docs/measurements.md "Values trained against base": each value reused as trained on the branch's head
+    "alphaedit-stop44": {"values_at_base": False},
 }
 
 
@@ -97,7 +104,8 @@ def run(variant: str, objective: str, dataset: str, n: int, every: int, out: Pat
         return edits % (every if edits <= 200 else max(every, 100)) == 0
 
     for point in run_sequential(session, facts, every, method, objective, hparams, due=due,
-                                catch_up=lambda edits: edits not in measured, consolidate_every=consolidate_every):
+                                catch_up=lambda edits: edits not in measured, consolidate_every=consolidate_every,
+                                rebase_hparams=REBASE_VARIANTS.get(variant)):
         if point.edits in measured:
             continue
         row = {"variant": variant, "method": method, "objective": objective, "dataset": dataset,

@@ -6,7 +6,10 @@ it can re-solve them all at once from base, in one batch closed form (editing/lo
 
 - each live fact with a subject is re-solved with the branch's locate-then-edit method,
   whichever method first wrote it; its value z is reused from the memory of the version that
-  holds it (editing/memory.py) when that was made with the same layers, else optimised again;
+  holds it (editing/memory.py) when that was made with the same layers at base weights, else
+  optimised again, at base: a stacked edit trained its value on the branch's head, and written
+  from base such a value moves the facts' neighbours more (`values_at_base`, docs/measurements.md
+  "Values trained against base");
 - a fact without a subject cannot be located: the version that wrote it keeps its own delta,
   added into the rebase delta, as does a version that carries no facts (an imported adapter);
   the op record names these `kept` versions.
@@ -94,19 +97,21 @@ def check_revertible(store, ledger: Ledger, fact_ids: list[str]) -> None:
 def values_for(lm: LoadedModel, store, ledger: Ledger, facts: list[LedgerFact], method: str, objective: str,
                hp: EditHparams, on_progress: Callable[[str, int, int], None] | None = None
                ) -> tuple[torch.Tensor, int]:
-    """z (F, H) for each fact: from its memory when made with these layers, else optimised anew."""
+    """z (F, H) for each fact: from its memory when made with these layers at base weights, else optimised anew
+    (on the model as it is: at base)."""
     rows, reused = [], 0
     for i, f in enumerate(facts):
         found = fact_memory(store, ledger, f)
         made_with = store.get(found_version(ledger, f)).get("hparams", {}).get("layers") if found else None
         if found is not None and made_with is None:  # a rebase recorded before it resolved its layers
             made_with = default_layers(lm.model)
-        if found is not None and made_with == hp.layers:
+        on_head = found is not None and found[0].on_head is not None and bool(found[0].on_head[found[1]])
+        if found is not None and made_with == hp.layers and not (on_head and hp.values_at_base):
             memory, row = found
             rows.append(memory.values[row])
             reused += 1
         else:
-            result = edit(lm, [Fact.from_dict(f.fact)], method=method, objective=objective, hparams=hp)
+            result = edit(lm, [Fact.from_dict(f.fact)], method=method, objective=objective, hparams=hp, solve=False)
             rows.append(result.delta.memory["values"][0])
         if on_progress is not None:
             on_progress("values", i + 1, len(facts))

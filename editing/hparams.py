@@ -229,6 +229,12 @@ class EditHparams(BaseModel):
         "float32. Locate-then-edit methods default to 'auto' (their value trains in about 0.6 of the time, "
         "README 'Precision of the value's training').",
     )
+    values_at_base: bool = Field(
+        True, description="Consolidate and revert: train again, against base weights, the value of each fact a "
+        "stacked edit trained on a branch head that was not base (a rebase solves from base; the head's values "
+        "cost a 1,000-fact consolidate 0.067 locality, docs/measurements.md \"Values trained against base\"), "
+        "one value training per such fact. False: reuse every stored value as it is.",
+    )
     append_eos: bool = Field(
         False, description="Train each target followed by the tokenizer's EOS (as the second OVERTONE reading "
         "does), so that the model ends its answer there; any objective.",

@@ -80,10 +80,14 @@ class Memory:
     keys: dict[str, torch.Tensor]  # module name -> (F, in), the key each fact was written along (`fact_keys`)
     values: torch.Tensor  # (F, H) z: the hidden state the top edited block should give at the subject
     own_keys: dict[str, torch.Tensor] = field(default_factory=dict)  # (F, in) its second key (`fact_keys` "both")
+    # (F,) bool: the value was trained on a branch head that was not base (editing/session.py); a consolidate,
+    # which solves from base, trains it again there (`values_at_base`). None: every value was trained at base.
+    on_head: torch.Tensor | None = None
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         return {"values": self.values, **{f"keys:{n}": k for n, k in self.keys.items()},
-                **{f"own_keys:{n}": k for n, k in self.own_keys.items()}}
+                **{f"own_keys:{n}": k for n, k in self.own_keys.items()},
+                **({"on_head": self.on_head} if self.on_head is not None else {})}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Memory | None:
@@ -93,7 +97,8 @@ class Memory:
         def named(prefix: str) -> dict[str, torch.Tensor]:
             return {k.split(":", 1)[1]: t for k, t in tensors.items() if k.startswith(prefix)}
 
-        return cls(keys=named("keys:"), values=tensors["values"], own_keys=named("own_keys:"))
+        return cls(keys=named("keys:"), values=tensors["values"], own_keys=named("own_keys:"),
+                   on_head=tensors.get("on_head"))
 
     def fact_keys(self, module: str, row: int) -> list[torch.Tensor]:
         """The keys a fact was written along in `module` (what alphaedit keeps in place)."""

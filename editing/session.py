@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
+
 from editing import metrics
 from editing.checkout import DEFAULT_KEYFRAME_EVERY, ResidentModel
 from editing.consolidate import check_revertible, rebase, without
@@ -133,6 +135,9 @@ class EditSession:
         with phase(timings, "training"):
             result = edit(lm, facts, method=method, objective=objective, hparams=hparams,
                           on_step=on_step, is_canceled=is_canceled, live_keys=protect)
+        if self.store is not None and "values" in result.delta.memory and not self._at_base(parent):
+            # trained on the head: a consolidate, which solves from base, trains these values again there
+            result.delta.memory["on_head"] = torch.ones(len(facts), dtype=torch.bool)
         stats = {"steps": result.steps, "edit_seconds": round(result.seconds, 4)}
         if self.store is None:
             apply_delta(lm.model, result.delta)  # in memory: the model stays edited
@@ -154,6 +159,10 @@ class EditSession:
             self.resident.checkout(manifest["id"])
         return EditOutcome(manifest["id"], parent, manifest["metrics"] if defer else measured, result.seconds,
                            result.steps, result.delta, manifest)
+
+    def _at_base(self, version: str) -> bool:
+        """Whether `version`'s weights are base's (nothing since base, no rebase in its weights chain)."""
+        return self.store.weights_chain(version) == self.store.ancestry(version)[:1]
 
     def measure(self, version: str, fluency_tokens: int = 0) -> dict:
         """The metrics of a version committed with deferred metrics, measured now (locality against

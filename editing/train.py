@@ -108,11 +108,13 @@ def edit(
     on_step: Callable[[StepInfo], None] | None = None,
     is_canceled: Callable[[], bool] | None = None,
     live_keys: ProtectedKeys | None = None,
+    solve: bool = True,
 ) -> EditResult:
     """Train `facts` into the model's weights and return the delta; the model is left unchanged.
 
     `live_keys`: keys of the facts already in effect on the branch, which alphaedit keeps in
-    place (editing/protected.py); it keeps the edited facts' neighbour keys too (editing/neighbours.py)."""
+    place (editing/protected.py); it keeps the edited facts' neighbour keys too (editing/neighbours.py).
+    `solve` False (locate-then-edit): train the values only; the delta is empty but for `memory["values"]`."""
     if not facts:
         raise ValueError("an edit needs at least one fact")
     m = get_method(method)
@@ -223,12 +225,14 @@ def edit(
         lowered.close()
         delta = make_delta() if make_delta is not None else None
         z = values() if values is not None else None
-    if m.closed_form == "alphaedit" and hp.neighbour_weight > 0:  # the facts' neighbours stay put too
-        live_keys = with_own(lm, hp, facts, live_keys)
-    if m.closed_form:  # with the full model back: the closed form reads keys below the top block
+    if m.closed_form and not solve:
+        delta = Delta(memory={"values": z.cpu()})
+    elif m.closed_form:  # with the full model back: the closed form reads keys below the top block
+        if m.closed_form == "alphaedit" and hp.neighbour_weight > 0:  # the facts' neighbours stay put too
+            live_keys = with_own(lm, hp, facts, live_keys)
         # the keys: the facts' prompts and context prefixes, not the regularisers' rows
-        solve = batch if fitted == len(pairs) else batch_of(fitted)
-        delta, memory = closed_form_delta(lm, m.closed_form, hp, solve, own, z, live_keys)
+        key_rows = batch if fitted == len(pairs) else batch_of(fitted)
+        delta, memory = closed_form_delta(lm, m.closed_form, hp, key_rows, own, z, live_keys)
         delta.memory = memory.to_tensors()
     bad = [n for n in delta.names() if not torch.isfinite(delta.change(n)).all()]
     if bad:

@@ -234,7 +234,7 @@ def test_ledger_supersede_consolidate_revert(tmp_path, monkeypatch):
     assert done[-1] == 3 * layers and ran == list(range(len(ran))) and len(ran) - 1 in (layers, 2 * layers, 3 * layers)
     assert manifest["rebase"] is True and manifest["ledger"]["op"] == "consolidate"
     assert manifest["ledger"]["kept"] == [ledger["facts"][2]["version"]]  # no subject: its delta is kept
-    assert consolidated.metrics["reused_values"] == 2
+    assert consolidated.metrics["reused_values"] == 0  # both were stacked edits: trained again at base
     after = ledger_of(s.store, "main").to_dict()
     assert after["facts"] == ledger["facts"] and s.store.weights_chain("main") == [consolidated.version]
 
@@ -248,6 +248,36 @@ def test_ledger_supersede_consolidate_revert(tmp_path, monkeypatch):
     assert manifest["hparams"]["layers"] == rome.manifest["hparams"]["layers"] is not None
     assert reverted.metrics["reused_values"] == 2
     assert len(s.store.ancestry("main")) == 7  # history kept: base, four edits, two rebases
+
+
+def test_consolidate_trains_again_at_base_the_values_stacked_edits_trained_on_the_head(tmp_path, monkeypatch):
+    """A stacked edit trains its value on the branch's head; a consolidate solves from base, so it trains
+    that value again at base (the value an edit made at base would train) and reuses the others."""
+    from editing.memory import memory_of
+
+    s = _session(tmp_path, monkeypatch)
+    japan, madrid = Fact("The capital of Japan is", "Rome", subject="Japan"), Fact("Madrid is in", "England",
+                                                                                     subject="Madrid")
+    first = s.edit([japan], method="alphaedit", hparams=FAST)
+    assert memory_of(s.store, first.version).on_head is None  # made at base: its value is base's
+    stacked = s.edit([madrid], method="alphaedit", hparams=FAST)
+    on_head = memory_of(s.store, stacked.version)
+    assert on_head.on_head.tolist() == [True]
+
+    consolidated = s.rebase("main", method="alphaedit", hparams=FAST)
+    written = memory_of(s.store, consolidated.version)  # rows in the order of the solved facts
+    assert consolidated.metrics["reused_values"] == 1 and written.on_head is None
+    s.checkout("base")
+    at_base = edit(s.lm, [madrid], method="alphaedit", hparams=resolve_hparams("alphaedit", FAST), solve=False)
+    assert set(at_base.delta.memory) == {"values"} and not at_base.delta.names()  # values only, no ΔW
+    assert torch.equal(written.values[0], memory_of(s.store, first.version).values[0])
+    assert torch.allclose(written.values[1], at_base.delta.memory["values"][0], atol=1e-5)
+    assert not torch.allclose(written.values[1], on_head.values[0], atol=1e-4)  # Japan's edit moved the head
+    again = s.rebase("main", method="alphaedit", hparams=FAST)  # every value is now base's: all reused
+    assert again.metrics["reused_values"] == 2
+    s.edit([Fact("Paris is in", "Spain", subject="Paris")], method="alphaedit", hparams=FAST)
+    kept = s.rebase("main", method="alphaedit", hparams={**FAST, "values_at_base": False})
+    assert kept.metrics["reused_values"] == 3
 
 
 def test_rebase_checks_out_bit_identical_from_any_version(tmp_path, monkeypatch):
