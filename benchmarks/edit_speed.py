@@ -9,8 +9,8 @@ a short one). This times the edit alone (training and closed form, 1 torch threa
   first edit on the long branch is reported apart (a cold worker builds the Gram once);
 - the same edits with every step running whole rows (editing/frozen_positions.py off): the
   baseline of the frozen prefix, in the same run;
-- the value alone, without the closed form: what a consolidate pays per fact a stacked edit wrote (it
-  trains that fact's value again at base, `values_at_base`);
+- the value alone, without the closed form: what a consolidate with `values_at_base` pays per fact a
+  stacked edit wrote (it trains that fact's value again at base);
 - with `--also JSON`, the same edits on the short branch with those hparams on top of the
   defaults (a candidate setting, e.g. '{"lr": 1.0}'), timed in the same run; `--also-objective`
   trains those with another objective than the method's default (e.g. an earlier default).
@@ -140,8 +140,8 @@ def report(results: Path = RESULTS) -> list[str]:
             f"of the frozen prefix: {m['whole rows, branch 10']:.2f} s ({r['speedup_of_frozen_prefix']:.2f}× "
             "slower).")
     if r.get("value_at_base_s") is not None:
-        line += (f" A consolidate trains again at base the value of each fact a stacked edit wrote "
-                 f"(`values_at_base`): {r['value_at_base_s']:.2f} s per such fact, up to "
+        line += (f" With `values_at_base` a consolidate trains again at base the value of each fact a stacked "
+                 f"edit wrote: {r['value_at_base_s']:.2f} s per such fact, up to "
                  f"{LMEDIT_AUTO_CONSOLIDATE_AFTER} of them per automatic consolidate.")
     if r.get("also"):
         a = r["also"]

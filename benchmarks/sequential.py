@@ -39,8 +39,8 @@ VARIANTS = {
     "memit": ("memit", {}),
     "alphaedit": ("alphaedit", {}),
     "alphaedit-stop40": ("alphaedit", {"no_repeat_weight": 0}),  # the defaults before the no-repeat term
-    # the defaults before consolidate trained stacked edits' values again at base: `REBASE_VARIANTS`
-    "alphaedit-stop44": ("alphaedit", {}),
+    # consolidates train stacked edits' values again at base: `REBASE_VARIANTS`
+    "alphaedit-values-at-base": ("alphaedit", {}),
     # docs/measurements.md "Longer values on a consolidated branch"
     "alphaedit-tau-0.99": ("alphaedit", {"tau": 0.99}),
     # docs/measurements.md "Generic keys held softly"
@@ -48,8 +48,8 @@ VARIANTS = {
 }
 # name -> hparams its consolidates take on top of the rebase defaults
 REBASE_VARIANTS = {
-    # docs/measurements.md "Values trained against base": each value reused as trained on the branch's head
-    "alphaedit-stop44": {"values_at_base": False},
+    # docs/measurements.md "Values trained against base"
+    "alphaedit-values-at-base": {"values_at_base": True},
 }
 
 

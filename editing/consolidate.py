@@ -6,10 +6,9 @@ it can re-solve them all at once from base, in one batch closed form (editing/lo
 
 - each live fact with a subject is re-solved with the branch's locate-then-edit method,
   whichever method first wrote it; its value z is reused from the memory of the version that
-  holds it (editing/memory.py) when that was made with the same layers at base weights, else
-  optimised again, at base: a stacked edit trained its value on the branch's head, and written
-  from base such a value moves the facts' neighbours more (`values_at_base`, docs/measurements.md
-  "Values trained against base");
+  holds it (editing/memory.py) when that was made with the same layers, else optimised again,
+  at base. With `values_at_base`, a value a stacked edit trained on the branch's head is trained
+  again at base too, where the rebase solves (docs/measurements.md "Values trained against base");
 - a fact without a subject cannot be located: the version that wrote it keeps its own delta,
   added into the rebase delta, as does a version that carries no facts (an imported adapter);
   the op record names these `kept` versions.
@@ -97,8 +96,8 @@ def check_revertible(store, ledger: Ledger, fact_ids: list[str]) -> None:
 def values_for(lm: LoadedModel, store, ledger: Ledger, facts: list[LedgerFact], method: str, objective: str,
                hp: EditHparams, on_progress: Callable[[str, int, int], None] | None = None
                ) -> tuple[torch.Tensor, int]:
-    """z (F, H) for each fact: from its memory when made with these layers at base weights, else optimised anew
-    (on the model as it is: at base)."""
+    """z (F, H) for each fact: from its memory when made with these layers (and, with `values_at_base`, at base
+    weights), else optimised anew (on the model as it is: at base)."""
     rows, reused = [], 0
     for i, f in enumerate(facts):
         found = fact_memory(store, ledger, f)

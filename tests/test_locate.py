@@ -234,7 +234,7 @@ def test_ledger_supersede_consolidate_revert(tmp_path, monkeypatch):
     assert done[-1] == 3 * layers and ran == list(range(len(ran))) and len(ran) - 1 in (layers, 2 * layers, 3 * layers)
     assert manifest["rebase"] is True and manifest["ledger"]["op"] == "consolidate"
     assert manifest["ledger"]["kept"] == [ledger["facts"][2]["version"]]  # no subject: its delta is kept
-    assert consolidated.metrics["reused_values"] == 0  # both were stacked edits: trained again at base
+    assert consolidated.metrics["reused_values"] == 2
     after = ledger_of(s.store, "main").to_dict()
     assert after["facts"] == ledger["facts"] and s.store.weights_chain("main") == [consolidated.version]
 
@@ -251,8 +251,9 @@ def test_ledger_supersede_consolidate_revert(tmp_path, monkeypatch):
 
 
 def test_consolidate_trains_again_at_base_the_values_stacked_edits_trained_on_the_head(tmp_path, monkeypatch):
-    """A stacked edit trains its value on the branch's head; a consolidate solves from base, so it trains
-    that value again at base (the value an edit made at base would train) and reuses the others."""
+    """A stacked edit trains its value on the branch's head; a consolidate solves from base, so with
+    `values_at_base` it trains that value again at base (the value an edit made at base would train) and
+    reuses the others; by default it reuses every stored value."""
     from editing.memory import memory_of
 
     s = _session(tmp_path, monkeypatch)
@@ -264,7 +265,7 @@ def test_consolidate_trains_again_at_base_the_values_stacked_edits_trained_on_th
     on_head = memory_of(s.store, stacked.version)
     assert on_head.on_head.tolist() == [True]
 
-    consolidated = s.rebase("main", method="alphaedit", hparams=FAST)
+    consolidated = s.rebase("main", method="alphaedit", hparams={**FAST, "values_at_base": True})
     written = memory_of(s.store, consolidated.version)  # rows in the order of the solved facts
     assert consolidated.metrics["reused_values"] == 1 and written.on_head is None
     s.checkout("base")
@@ -273,10 +274,10 @@ def test_consolidate_trains_again_at_base_the_values_stacked_edits_trained_on_th
     assert torch.equal(written.values[0], memory_of(s.store, first.version).values[0])
     assert torch.allclose(written.values[1], at_base.delta.memory["values"][0], atol=1e-5)
     assert not torch.allclose(written.values[1], on_head.values[0], atol=1e-4)  # Japan's edit moved the head
-    again = s.rebase("main", method="alphaedit", hparams=FAST)  # every value is now base's: all reused
+    again = s.rebase("main", method="alphaedit", hparams={**FAST, "values_at_base": True})  # all base's now
     assert again.metrics["reused_values"] == 2
     s.edit([Fact("Paris is in", "Spain", subject="Paris")], method="alphaedit", hparams=FAST)
-    kept = s.rebase("main", method="alphaedit", hparams={**FAST, "values_at_base": False})
+    kept = s.rebase("main", method="alphaedit", hparams=FAST)  # the default: Paris's head value reused
     assert kept.metrics["reused_values"] == 3
 
 
