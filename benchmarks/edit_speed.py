@@ -33,10 +33,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DATA, RESULTS, arguments, cpu_model, write_json  # noqa: E402
+from workers.settings import WorkerSettings  # noqa: E402
 
 FIRST_RECORD = 1000
 BRANCHES = (10, 1000)
-LMEDIT_AUTO_CONSOLIDATE_AFTER = 50  # its default (workers/settings.py): a consolidate after 50 stacked edits
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,7 +142,8 @@ def report(results: Path = RESULTS) -> list[str]:
     if r.get("value_at_base_s") is not None:
         line += (f" With `values_at_base` a consolidate trains again at base the value of each fact a stacked "
                  f"edit wrote: {r['value_at_base_s']:.2f} s per such fact, up to "
-                 f"{LMEDIT_AUTO_CONSOLIDATE_AFTER} of them per automatic consolidate.")
+                 f"{WorkerSettings.model_fields['auto_consolidate_after'].default} of them per automatic "
+                 "consolidate.")
     if r.get("also"):
         a = r["also"]
         objective = f" and objective {a['objective']}" if a.get("objective") else ""

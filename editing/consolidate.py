@@ -100,13 +100,14 @@ def values_for(lm: LoadedModel, store, ledger: Ledger, facts: list[LedgerFact], 
     weights), else optimised anew (on the model as it is: at base)."""
     rows, reused = [], 0
     for i, f in enumerate(facts):
-        found = fact_memory(store, ledger, f)
-        made_with = store.get(found_version(ledger, f)).get("hparams", {}).get("layers") if found else None
-        if found is not None and made_with is None:  # a rebase recorded before it resolved its layers
-            made_with = default_layers(lm.model)
-        on_head = found is not None and found[0].on_head is not None and bool(found[0].on_head[found[1]])
-        if found is not None and made_with == hp.layers and not (on_head and hp.values_at_base):
+        found, reusable = fact_memory(store, ledger, f), False
+        if found is not None:
             memory, row = found
+            # a rebase recorded before it resolved its layers made them with the default ones
+            made_with = store.get(found_version(ledger, f)).get("hparams", {}).get("layers") or default_layers(lm.model)
+            on_head = memory.on_head is not None and bool(memory.on_head[row])
+            reusable = made_with == hp.layers and not (on_head and hp.values_at_base)
+        if reusable:
             rows.append(memory.values[row])
             reused += 1
         else:

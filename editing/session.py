@@ -161,8 +161,9 @@ class EditSession:
                            result.steps, result.delta, manifest)
 
     def _at_base(self, version: str) -> bool:
-        """Whether `version`'s weights are base's (nothing since base, no rebase in its weights chain)."""
-        return self.store.weights_chain(version) == self.store.ancestry(version)[:1]
+        """Whether `version`'s weights are base's: its weights chain is one version, and not a rebase (so base)."""
+        chain = self.store.weights_chain(version)
+        return len(chain) == 1 and not self.store.get(chain[0]).get("rebase")
 
     def measure(self, version: str, fluency_tokens: int = 0) -> dict:
         """The metrics of a version committed with deferred metrics, measured now (locality against
